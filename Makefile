@@ -1,0 +1,65 @@
+# rpicluster: the two commands of the README are `make demo` and `make test`.
+# Both set up everything they need on a fresh Debian machine (run as root):
+# a virtualenv with the development tools, a Docker engine, local images.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+RESOURCES := molecule/resources
+export PATH := $(BIN):$(PATH)
+export ANSIBLE_CONFIG := $(abspath ansible.cfg)
+
+.PHONY: help venv lint pytest molecule test demo demo-down bench wheel clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): requirements-dev.txt setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+venv: $(STAMP)  ## create .venv with the development tools
+
+lint: $(STAMP)  ## ruff, yamllint, ansible-lint (production profile)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/yamllint --strict .
+	$(BIN)/ansible-lint --profile production
+
+pytest: $(STAMP)  ## unit and integration tests (installs headless Chromium for the dashboard test)
+	bash $(RESOURCES)/browser.sh
+	$(BIN)/pytest -q
+
+molecule: $(STAMP)  ## Molecule scenarios in systemd containers that stand in for Pis
+	bash $(RESOURCES)/docker-engine.sh
+	bash $(RESOURCES)/build-image.sh
+	$(BIN)/molecule test --all
+
+test: lint pytest molecule  ## everything CI runs
+
+demo: $(STAMP)  ## a master and three slave containers deployed over SSH, then the status table
+	bash $(RESOURCES)/docker-engine.sh
+	bash $(RESOURCES)/build-image.sh
+	bash $(RESOURCES)/demo.sh up
+
+demo-down:  ## remove the demo containers, network and inventory
+	bash $(RESOURCES)/demo.sh down
+
+bench: $(STAMP)  ## benchmarks; figures are appended to bench/results.md
+	$(BIN)/python -m bench.master_load
+	$(BIN)/python -m bench.failover
+	$(BIN)/python -m bench.slave_footprint
+
+wheel: $(STAMP)  ## build the pure-Python wheel into dist/
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir dist .
+
+clean:  ## remove the virtualenv and build output
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

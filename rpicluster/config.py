@@ -1,0 +1,292 @@
+"""Reading and validating ``rpicluster.cfg``.
+
+Every key is checked before anything starts, and a bad one stops the program
+with exit code 2 and one line naming the file, the section and the key: a wrong
+setting must never half-start a Pi. ``rpicluster.cfg.example`` documents the keys.
+"""
+
+from __future__ import annotations
+
+import configparser
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from rpicluster.protocol import DEFAULT_MAX_FRAME_SIZE
+
+DEFAULT_CONFIG_PATH = "/etc/rpicluster/rpicluster.cfg"
+DEFAULT_STATE_DIR = "/var/lib/rpicluster"
+DEFAULT_PORT = 5005
+DEFAULT_WEBSERVER_PORT = 8123
+BUILTIN_ROLES = ("basic", "vitals", "webserver")
+MIN_SECRET_LENGTH = 16
+
+_DOTTED_ROLE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; ``str()`` names file, section and key."""
+
+    def __init__(self, path: str, section: Optional[str], key: Optional[str], problem: str):
+        where = path
+        if section:
+            where += f": [{section}]"
+        if key:
+            where += f" {key}"
+        super().__init__(f"{where}: {problem}")
+        self.path, self.section, self.key, self.problem = path, section, key, problem
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """What the master and every slave must agree on ([cluster])."""
+
+    secret: str
+    heartbeat_interval: float = 1.0
+    suspect_after: float = 2.5
+    dead_after: float = 5.0
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    handshake_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class MasterSettings:
+    """Where the master listens and keeps its registry ([master])."""
+
+    socket_bind_ip: str = "0.0.0.0"
+    socket_port: int = DEFAULT_PORT
+    state_dir: str = DEFAULT_STATE_DIR
+    history_window: float = 3600.0
+
+
+@dataclass(frozen=True)
+class SlaveSettings:
+    """How a slave finds its master and which roles it runs ([slave])."""
+
+    master_ip: str
+    socket_port: int = DEFAULT_PORT
+    roles: tuple[str, ...] = ("basic",)
+    state_dir: str = DEFAULT_STATE_DIR
+    reconnect_base: float = 0.5
+    reconnect_cap: float = 5.0
+    vitals_interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class WebserverSettings:
+    """The dashboard served by the ``webserver`` slave role ([webserver])."""
+
+    webserver_host: str = "0.0.0.0"
+    webserver_port: int = DEFAULT_WEBSERVER_PORT
+    refresh_interval: float = 2.0
+    history_window: float = 3600.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated ``rpicluster.cfg``. ``master``/``slave`` are None when absent."""
+
+    path: str
+    cluster: ClusterSettings
+    master: Optional[MasterSettings]
+    slave: Optional[SlaveSettings]
+    webserver: WebserverSettings
+    raw: configparser.ConfigParser = field(repr=False, compare=False)
+
+    def section(self, name: str) -> dict[str, str]:
+        """Raw options of any section, for a custom role's own settings."""
+        return dict(self.raw[name]) if self.raw.has_section(name) else {}
+
+    def master_address(self) -> tuple[str, int]:
+        """Where a client on this Pi reaches the master (used by ``rpicluster status``)."""
+        if self.slave is not None:
+            return self.slave.master_ip, self.slave.socket_port
+        if self.master is not None:
+            ip = self.master.socket_bind_ip
+            if ip in ("0.0.0.0", ""):
+                ip = "127.0.0.1"
+            elif ip == "::":
+                ip = "::1"
+            return ip, self.master.socket_port
+        raise ConfigError(self.path, "slave", "master_ip", "no [slave] or [master] section")
+
+
+# ------------------------------------------------------------------------ parsing
+
+
+class _Reader:
+    """Typed access to one parsed file that raises ConfigError naming the key."""
+
+    def __init__(self, path: str, parser: configparser.ConfigParser) -> None:
+        self.path = path
+        self.parser = parser
+
+    def error(self, section: str, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.path, section, key, problem)
+
+    def raw(self, section: str, key: str, default: Optional[str]) -> str:
+        if self.parser.has_option(section, key):
+            value = self.parser.get(section, key, raw=True).strip()
+            if value:
+                return value
+        if default is None:
+            raise self.error(section, key, "is required but missing")
+        return default
+
+    def text(self, section: str, key: str, default: Optional[str] = None) -> str:
+        return self.raw(section, key, default)
+
+    def number(
+        self,
+        section: str,
+        key: str,
+        default: float,
+        *,
+        minimum: float,
+        maximum: float = math.inf,
+        kind: Callable[[str], Any] = float,
+    ) -> Any:
+        value = self.raw(section, key, str(default))
+        try:
+            number = kind(value)
+        except ValueError:
+            noun = "a whole number" if kind is int else "a number"
+            raise self.error(section, key, f"{value!r} is not {noun}") from None
+        if not (minimum <= number <= maximum) or number != number:
+            upper = "" if maximum == math.inf else f" and at most {maximum:g}"
+            raise self.error(section, key, f"{value} must be at least {minimum:g}{upper}")
+        return number
+
+    def port(self, section: str, key: str, default: int) -> int:
+        value = self.raw(section, key, str(default))
+        try:
+            port = int(value)
+        except ValueError:
+            raise self.error(section, key, f"{value!r} is not a port number") from None
+        if not 1 <= port <= 65535:
+            raise self.error(section, key, f"{port} is not a valid port (1-65535)")
+        return port
+
+
+def _read_cluster(r: _Reader) -> ClusterSettings:
+    s = "cluster"
+    if not r.parser.has_section(s):
+        raise ConfigError(r.path, s, None, "section is missing (it holds the cluster secret)")
+    secret = r.text(s, "secret")
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise r.error(s, "secret", f"must be at least {MIN_SECRET_LENGTH} characters long")
+    interval = r.number(s, "heartbeat_interval", 1.0, minimum=0.01, maximum=3600)
+    suspect = r.number(s, "suspect_after", 2.5 * interval, minimum=0.01)
+    dead = r.number(s, "dead_after", max(5.0, 2 * suspect), minimum=0.02)
+    if suspect <= interval:
+        raise r.error(s, "suspect_after", f"{suspect:g} must be longer than heartbeat_interval")
+    if dead <= suspect:
+        raise r.error(s, "dead_after", f"{dead:g} must be longer than suspect_after {suspect:g}")
+    return ClusterSettings(
+        secret=secret,
+        heartbeat_interval=interval,
+        suspect_after=suspect,
+        dead_after=dead,
+        max_frame_size=r.number(
+            s, "max_frame_size", DEFAULT_MAX_FRAME_SIZE, minimum=1024, maximum=2**31, kind=int
+        ),
+        handshake_timeout=r.number(s, "handshake_timeout", 5.0, minimum=0.1, maximum=600),
+    )
+
+
+def _read_master(r: _Reader) -> MasterSettings:
+    s = "master"
+    return MasterSettings(
+        socket_bind_ip=r.text(s, "socket_bind_ip", "0.0.0.0"),
+        socket_port=r.port(s, "socket_port", DEFAULT_PORT),
+        state_dir=r.text(s, "state_dir", DEFAULT_STATE_DIR),
+        history_window=r.number(s, "history_window", 3600.0, minimum=1.0),
+    )
+
+
+def parse_roles(value: str) -> tuple[str, ...]:
+    """Split ``basic, vitals, pkg.mod:Class`` into names; ValueError names a bad one."""
+    roles = tuple(part.strip() for part in value.split(",") if part.strip())
+    if not roles:
+        raise ValueError("lists no role")
+    for role in roles:
+        if role not in BUILTIN_ROLES and not _DOTTED_ROLE.match(role):
+            raise ValueError(
+                f"unknown role {role!r} (built-in roles: {', '.join(BUILTIN_ROLES)};"
+                " a custom role is package.module:ClassName)"
+            )
+    if len(set(roles)) != len(roles):
+        raise ValueError(f"names a role twice: {value}")
+    return roles
+
+
+def _read_slave(r: _Reader) -> SlaveSettings:
+    s = "slave"
+    try:
+        roles = parse_roles(r.text(s, "roles", "basic"))
+    except ValueError as exc:
+        raise r.error(s, "roles", str(exc)) from None
+    base = r.number(s, "reconnect_base", 0.5, minimum=0.01, maximum=60)
+    cap = r.number(s, "reconnect_cap", 5.0, minimum=0.01, maximum=3600)
+    if cap < base:
+        raise r.error(s, "reconnect_cap", f"{cap:g} must not be less than reconnect_base {base:g}")
+    return SlaveSettings(
+        master_ip=r.text(s, "master_ip"),
+        socket_port=r.port(s, "socket_port", DEFAULT_PORT),
+        roles=roles,
+        state_dir=r.text(s, "state_dir", DEFAULT_STATE_DIR),
+        reconnect_base=base,
+        reconnect_cap=cap,
+        vitals_interval=r.number(s, "vitals_interval", 5.0, minimum=0.05, maximum=3600),
+    )
+
+
+def _read_webserver(r: _Reader) -> WebserverSettings:
+    s = "webserver"
+    return WebserverSettings(
+        webserver_host=r.text(s, "webserver_host", "0.0.0.0"),
+        webserver_port=r.port(s, "webserver_port", DEFAULT_WEBSERVER_PORT),
+        refresh_interval=r.number(s, "refresh_interval", 2.0, minimum=0.1, maximum=3600),
+        history_window=r.number(s, "history_window", 3600.0, minimum=1.0),
+    )
+
+
+def parse_config(text: str, path: str = "<string>", *, need: str = "any") -> Config:
+    """Validate config ``text``; ``need`` is ``master``, ``slave`` or ``any``."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as exc:
+        first_line = str(exc).splitlines()[0]
+        raise ConfigError(path, None, None, f"not a valid INI file: {first_line}") from None
+    r = _Reader(path, parser)
+    if need in ("master", "slave") and not parser.has_section(need):
+        raise ConfigError(path, need, None, "section is missing")
+    cluster = _read_cluster(r)
+    master = _read_master(r) if parser.has_section("master") else None
+    slave = _read_slave(r) if parser.has_section("slave") else None
+    if need == "any" and master is None and slave is None:
+        raise ConfigError(path, None, None, "needs a [master] or a [slave] section")
+    return Config(
+        path=path,
+        cluster=cluster,
+        master=master,
+        slave=slave,
+        webserver=_read_webserver(r),
+        raw=parser,
+    )
+
+
+def load_config(path: str = DEFAULT_CONFIG_PATH, *, need: str = "any") -> Config:
+    """Read and validate the file at ``path``; raise :class:`ConfigError` on any fault."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, None, None, "file not found") from None
+    except PermissionError:
+        raise ConfigError(path, None, None, "permission denied (run as root or rpicluster)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, None, None, f"cannot read: {exc}") from None
+    return parse_config(text, path, need=need)
