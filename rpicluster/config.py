@@ -286,7 +286,8 @@ def load_config(path: str = DEFAULT_CONFIG_PATH, *, need: str = "any") -> Config
     except FileNotFoundError:
         raise ConfigError(path, None, None, "file not found") from None
     except PermissionError:
-        raise ConfigError(path, None, None, "permission denied (run as root or rpicluster)") from None
+        problem = "permission denied (run as root or as the rpicluster user)"
+        raise ConfigError(path, None, None, problem) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(path, None, None, f"cannot read: {exc}") from None
     return parse_config(text, path, need=need)
