@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("results.md")
-HEADER = "# Benchmark results\n\nEach section: measured figures and the command that produced them.\n\n"
+HEADER = "# Benchmark results\n\nEach section: measured figures and the command that made them.\n\n"
 
 
 def invocation() -> str:
