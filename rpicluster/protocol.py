@@ -107,9 +107,21 @@ def make(msg_type: str, **fields: Any) -> bytes:
 def decode_body(body: bytes) -> dict[str, Any]:
     """Parse and validate one frame body; raise :class:`ProtocolError` naming the fault."""
     try:
-        message = json.loads(body.decode("utf-8"))
+        message = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(E_BAD_FRAME, f"frame is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(E_BAD_FRAME, "frame nests JSON too deeply") from None
+    return validate(message)
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; accepting them would poison every later reply.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def validate(message: Any) -> dict[str, Any]:
+    """Check a parsed frame against :data:`SCHEMAS`; :class:`ProtocolError` names the fault."""
     if not isinstance(message, dict):
         raise ProtocolError(E_BAD_MESSAGE, "frame is not a JSON object")
     msg_type = message.get("type")

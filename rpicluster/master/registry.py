@@ -1,0 +1,293 @@
+"""The master's registry of nodes and its state machine.
+
+A node is keyed by its persistent ``node_id``; every role thread of a slave has its
+own connection, so a node holds one :class:`Session` per role. A node is as alive as
+its best session: ``alive`` when heard from within ``suspect_after``, ``suspect``
+after that, ``dead`` after ``dead_after`` of silence or when its last connection
+closed without ``goodbye``, ``left`` after a ``goodbye`` on its last connection.
+
+The registry is driven from the master's event loop only (no locks). Liveness uses
+a monotonic clock so a Pi without a real-time clock jumping at boot (NTP) cannot
+kill the fleet; wall-clock times are derived from it for reporting. Both clocks are
+injectable so the state machine is tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, Optional
+
+ALIVE = "alive"
+SUSPECT = "suspect"
+DEAD = "dead"
+LEFT = "left"
+STATES = (ALIVE, SUSPECT, DEAD, LEFT)
+
+
+class Session:
+    """One authenticated slave connection: a (node_id, role) pair."""
+
+    __slots__ = ("node", "role", "address", "conn", "seen", "connected_at")
+
+    def __init__(self, node: Node, role: str, address: str, conn: Any, now: float) -> None:
+        self.node = node
+        self.role = role
+        self.address = address
+        self.conn = conn  # the server's connection object; has close(reason)
+        self.seen = now  # monotonic time of the last message
+        self.connected_at = now
+
+
+class Node:
+    """What the master knows about one Pi."""
+
+    __slots__ = (
+        "node_id",
+        "hostname",
+        "address",
+        "roles",
+        "state",
+        "seen",
+        "connected_at",
+        "details",
+        "vitals",
+        "action_errors",
+        "sessions",
+        "grace_until",
+    )
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.hostname = ""
+        self.address = ""
+        self.roles: list[str] = []
+        self.state = DEAD
+        self.seen: Optional[float] = None  # monotonic time last heard from
+        self.connected_at: Optional[float] = None  # monotonic start of this connection spell
+        self.details: dict[str, Any] = {}
+        self.vitals: Optional[dict[str, Any]] = None
+        self.action_errors: dict[str, dict[str, Any]] = {}
+        self.sessions: dict[str, Session] = {}  # role -> session
+        self.grace_until: Optional[float] = None  # loaded from disk, not yet reconnected
+
+
+class Registry:
+    """Nodes, their sessions and states; see the module docstring for the rules.
+
+    ``clock`` is monotonic seconds, ``wall`` epoch seconds. Mutating methods are
+    called from one thread (the master's event loop). ``dirty`` collects node ids
+    whose stored row changed; ``pending_vitals`` the history points not yet stored.
+    """
+
+    def __init__(
+        self,
+        suspect_after: float,
+        dead_after: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.suspect_after = suspect_after
+        self.dead_after = dead_after
+        self.clock = clock
+        self.wall = wall
+        self.nodes: dict[str, Node] = {}
+        self.watch: set[Node] = set()  # nodes that are alive or suspect
+        self.dirty: set[str] = set()
+        self.pending_vitals: list[tuple[str, float, str]] = []
+        self._offset = 0.0
+        self.sync_clock()
+
+    # ----------------------------------------------------------------- clocks
+
+    def sync_clock(self) -> None:
+        """Re-derive wall time from monotonic time (called by every sweep)."""
+        self._offset = self.wall() - self.clock()
+
+    def to_wall(self, mono: Optional[float]) -> Optional[float]:
+        return None if mono is None else round(mono + self._offset, 3)
+
+    # ------------------------------------------------------------ transitions
+
+    def _set_state(self, node: Node, state: str) -> None:
+        if node.state != state:
+            node.state = state
+            self.dirty.add(node.node_id)
+        if state in (ALIVE, SUSPECT):
+            self.watch.add(node)
+        else:
+            self.watch.discard(node)
+
+    def register(
+        self, node_id: str, role: str, address: str, details: dict[str, Any], conn: Any
+    ) -> tuple[Session, Optional[Session]]:
+        """A slave session authenticated. Returns it and the session it replaces, if any.
+
+        The caller closes the replaced session's connection (error ``replaced``);
+        it is detached here so its closing changes nothing.
+        """
+        now = self.clock()
+        node = self.nodes.get(node_id)
+        if node is None:
+            node = self.nodes[node_id] = Node(node_id)
+        old = node.sessions.pop(role, None)
+        if not node.sessions:
+            node.connected_at = now
+            node.roles = []
+        if role not in node.roles:
+            node.roles.append(role)
+        session = Session(node, role, address, conn, now)
+        node.sessions[role] = session
+        node.address = address
+        if details:
+            node.details = details
+        hostname = node.details.get("hostname")
+        node.hostname = hostname if isinstance(hostname, str) and hostname else address
+        node.seen = now
+        node.grace_until = None
+        self._set_state(node, ALIVE)
+        self.dirty.add(node_id)
+        return session, old
+
+    def heard(self, session: Session) -> None:
+        """Any message on a session: the hot path, keep it tiny."""
+        now = self.clock()
+        session.seen = now
+        node = session.node
+        node.seen = now
+        if node.state != ALIVE:
+            self._set_state(node, ALIVE)
+
+    def vitals(self, session: Session, vitals: dict[str, Any]) -> None:
+        """Latest vitals of the node, and one history point (``ts`` added if missing)."""
+        ts = vitals.get("ts")
+        if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+            vitals["ts"] = ts = round(self.clock() + self._offset, 3)
+        node = session.node
+        node.vitals = vitals
+        self.pending_vitals.append((node.node_id, float(ts), json.dumps(vitals)))
+        self.dirty.add(node.node_id)
+
+    def action_error(self, session: Session, error: str, count: int) -> None:
+        entry = session.node.action_errors.setdefault(session.role, {"count": 0, "last": ""})
+        entry["count"] = count
+        entry["last"] = error
+        self.dirty.add(session.node.node_id)
+
+    def disconnect(self, session: Session, goodbye: bool) -> bool:
+        """A session ended. Returns True when it was still attached (not replaced/swept)."""
+        node = session.node
+        if node.sessions.get(session.role) is not session:
+            return False
+        del node.sessions[session.role]
+        if not node.sessions:
+            node.connected_at = None
+            self._set_state(node, LEFT if goodbye else DEAD)
+            self.dirty.add(node.node_id)
+        return True
+
+    def sweep(self) -> list[Session]:
+        """Move silent nodes to suspect/dead; return the sessions to close.
+
+        Cheap enough to run several times a second with 10,000 nodes: it looks
+        only at nodes that are alive or suspect.
+        """
+        self.sync_clock()
+        now = self.clock()
+        suspect_before = now - self.suspect_after
+        dead_before = now - self.dead_after
+        to_close: list[Session] = []
+        for node in list(self.watch):
+            if not node.sessions:
+                # Loaded from disk: keep its state for a grace period while it reconnects.
+                if node.grace_until is None or now >= node.grace_until:
+                    self._set_state(node, DEAD)
+                continue
+            seen = node.seen
+            if seen < dead_before:
+                to_close.extend(node.sessions.values())
+                node.sessions.clear()
+                node.connected_at = None
+                self._set_state(node, DEAD)
+                continue
+            if seen < suspect_before and node.state == ALIVE:
+                self._set_state(node, SUSPECT)
+            if len(node.sessions) > 1:
+                for role, session in list(node.sessions.items()):
+                    if session.seen < dead_before:  # one role thread went silent
+                        del node.sessions[role]
+                        to_close.append(session)
+        return to_close
+
+    # ----------------------------------------------------------- persistence
+
+    def load(self, rows: list[dict[str, Any]]) -> None:
+        """Nodes read from the store at start: not connected, state kept for a grace period."""
+        now = self.clock()
+        for row in rows:
+            node = Node(row["node_id"])
+            node.hostname = row["hostname"]
+            node.address = row["address"]
+            node.roles = list(row["roles"])
+            node.details = row["details"]
+            node.vitals = row["vitals"]
+            node.action_errors = row["action_errors"]
+            last_seen = row["last_seen"]
+            node.seen = None if last_seen is None else last_seen - self._offset
+            node.state = row["state"] if row["state"] in STATES else DEAD
+            if node.state in (ALIVE, SUSPECT):
+                node.grace_until = now + self.dead_after
+                self.watch.add(node)
+            self.nodes[node.node_id] = node
+
+    def row(self, node: Node) -> tuple[Any, ...]:
+        """The node as a ``nodes`` table row (see store.py)."""
+        return (
+            node.node_id,
+            node.hostname,
+            node.address,
+            json.dumps(node.roles),
+            node.state,
+            self.to_wall(node.seen),
+            json.dumps(node.details),
+            None if node.vitals is None else json.dumps(node.vitals),
+            json.dumps(node.action_errors),
+        )
+
+    def take_dirty_rows(self) -> list[tuple[Any, ...]]:
+        rows = [self.row(self.nodes[nid]) for nid in self.dirty if nid in self.nodes]
+        self.dirty.clear()
+        return rows
+
+    def take_vitals(self) -> list[tuple[str, float, str]]:
+        points, self.pending_vitals = self.pending_vitals, []
+        return points
+
+    def last_seen_rows(self) -> list[tuple[Optional[float], str]]:
+        """(last_seen, node_id) of connected nodes: heartbeats are stored in batches."""
+        return [(self.to_wall(node.seen), node.node_id) for node in self.watch if node.sessions]
+
+    # ------------------------------------------------------------------ views
+
+    def node_dict(self, node: Node) -> dict[str, Any]:
+        """The node as documented in docs/protocol.md (``query`` what=node)."""
+        return {
+            "node_id": node.node_id,
+            "hostname": node.hostname,
+            "address": node.address,
+            "roles": list(node.roles),
+            "state": node.state,
+            "connected": bool(node.sessions),
+            "last_seen": self.to_wall(node.seen),
+            "connected_since": self.to_wall(node.connected_at),
+            "details": node.details,
+            "vitals": node.vitals,
+            "action_errors": node.action_errors,
+        }
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for node in self.nodes.values():
+            counts[node.state] += 1
+        return counts
