@@ -1,0 +1,278 @@
+"""The console scripts: ``rpicluster``, ``rpicluster-master``, ``rpicluster-slave``.
+
+All three read ``--config`` (default ``/etc/rpicluster/rpicluster.cfg``) and stop
+with exit code 2 and one line naming file, section and key when it is wrong.
+Logs go to stderr in one short line each; journald adds the timestamps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import rpicluster
+from rpicluster.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+
+logger = logging.getLogger("rpicluster")
+
+EXIT_OK = 0
+EXIT_UNREACHABLE = 1
+EXIT_CONFIG = 2
+LOG_FORMAT = "%(levelname)s %(threadName)s %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"%(prog)s {rpicluster.__version__}")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG_PATH,
+        metavar="PATH",
+        help=f"rpicluster.cfg to read (default {DEFAULT_CONFIG_PATH})",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="how much to log to stderr (default INFO)",
+    )
+    _version(parser)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def _load(path: str, need: str) -> Optional[Config]:
+    """The validated config, or None after printing the one-line error."""
+    try:
+        return load_config(path, need=need)
+    except ConfigError as exc:
+        print(f"rpicluster: config error: {exc}", file=sys.stderr)
+        return None
+
+
+# ------------------------------------------------------------------------- master
+
+
+def run_master(args: argparse.Namespace) -> int:
+    config = _load(args.config, "master")
+    if config is None:
+        return EXIT_CONFIG
+    from rpicluster.master import Master
+
+    try:
+        Master(config).run_forever()
+    except ConfigError as exc:
+        print(f"rpicluster: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------- slave
+
+
+def run_slave(args: argparse.Namespace) -> int:
+    """One thread per role; SIGTERM or SIGINT stops them all with a goodbye, exit 0."""
+    config = _load(args.config, "slave")
+    if config is None:
+        return EXIT_CONFIG
+    assert config.slave is not None
+    from rpicluster.roles import resolve
+
+    try:
+        threads = [resolve(role, config.path).from_config(config) for role in config.slave.roles]
+    except ConfigError as exc:
+        print(f"rpicluster: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (TypeError, ValueError) as exc:  # a custom role's constructor refused the config
+        print(f"rpicluster: config error: {config.path}: [slave] roles: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logger.info("received %s; stopping %d role(s)", signal.Signals(signum).name, len(threads))
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    logger.info(
+        "rpicluster-slave %s: node %s, roles %s, master %s:%d",
+        rpicluster.__version__,
+        threads[0].node_id,
+        ", ".join(config.slave.roles),
+        config.slave.master_ip,
+        config.slave.socket_port,
+    )
+    for thread in threads:
+        thread.start()
+    while not done.is_set():
+        done.wait(60.0)
+        if not any(thread.is_alive() for thread in threads):
+            logger.error("every role thread has ended; exiting")
+            return EXIT_UNREACHABLE
+    for thread in threads:
+        thread.stop()
+    deadline = time.monotonic() + 5.0
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [thread.role_name() for thread in threads if thread.is_alive()]
+    if stuck:
+        logger.warning("role(s) %s still inside perform_action(); exiting anyway", ", ".join(stuck))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------- status
+
+
+def _ago(timestamp: Any, now: float) -> str:
+    if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool):
+        return "never"
+    seconds = max(0.0, now - timestamp)
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h ago"
+    return f"{seconds / 86400:.0f} d ago"
+
+
+def _number(value: Any, fmt: str) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, fmt)
+    return "-"
+
+
+def format_table(state: dict[str, Any], now: Optional[float] = None) -> str:
+    """The cluster as a readable table, one row per node."""
+    now = time.time() if now is None else now
+    header = ("HOSTNAME", "ROLES", "STATE", "LAST SEEN", "CPU %", "TEMP °C")
+    rows = [header]
+    for node in sorted(state.get("nodes", []), key=lambda n: str(n.get("hostname", ""))):
+        vitals = node.get("vitals") or {}
+        state_word = str(node.get("state", "?"))
+        if node.get("connected") is False and state_word in ("alive", "suspect"):
+            state_word += " (offline)"
+        rows.append(
+            (
+                str(node.get("hostname") or node.get("node_id", "?")),
+                ",".join(str(r) for r in node.get("roles") or []) or "-",
+                state_word,
+                _ago(node.get("last_seen"), now),
+                _number(vitals.get("cpu_percent"), ".1f"),
+                _number(vitals.get("temperature"), ".1f"),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
+    ]
+    master = state.get("master") or {}
+    summary = f"master {master.get('hostname', '?')}: {len(rows) - 1} node(s)"
+    counts: dict[str, int] = {}
+    for node in state.get("nodes", []):
+        counts[str(node.get("state"))] = counts.get(str(node.get("state")), 0) + 1
+    if counts:
+        summary += " (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")"
+    return "\n".join([summary, *lines])
+
+
+def run_status(args: argparse.Namespace) -> int:
+    config = _load(args.config, "any")
+    if config is None:
+        return EXIT_CONFIG
+    from rpicluster.client import ClientError, MasterClient
+
+    try:
+        host, port = config.master_address()
+    except ConfigError as exc:
+        print(f"rpicluster: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        with MasterClient(host, port, config.cluster.secret, timeout=args.timeout) as client:
+            state = client.cluster_state()
+    except ClientError as exc:
+        print(f"rpicluster status: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(state, indent=2, sort_keys=True))
+    else:
+        print(format_table(state))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rpicluster", description="A Raspberry Pi cluster: one master, many slaves."
+    )
+    _version(parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    status = commands.add_parser("status", help="show every node the master knows")
+    _common(status)
+    status.add_argument("--json", action="store_true", help="print one JSON document")
+    status.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the master (default 5)"
+    )
+    status.set_defaults(run=run_status)
+    master = commands.add_parser("master", help="run the master (as rpicluster-master)")
+    _common(master)
+    master.set_defaults(run=run_master)
+    slave = commands.add_parser("slave", help="run this Pi's slave roles (as rpicluster-slave)")
+    _common(slave)
+    slave.set_defaults(run=run_slave)
+    return parser
+
+
+def _single(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    _common(parser)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``rpicluster``: sub-commands ``status``, ``master``, ``slave``."""
+    args = _parser().parse_args(argv)
+    return _dispatch(args)
+
+
+def master_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``rpicluster-master``: run the master until SIGTERM or SIGINT."""
+    args = _single("rpicluster-master", "Run the rpicluster master.").parse_args(argv)
+    args.run = run_master
+    return _dispatch(args)
+
+
+def slave_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``rpicluster-slave``: run this Pi's slave roles until SIGTERM or SIGINT."""
+    args = _single("rpicluster-slave", "Run this Pi's rpicluster slave roles.").parse_args(argv)
+    args.run = run_slave
+    return _dispatch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

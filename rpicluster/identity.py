@@ -1,0 +1,80 @@
+"""The persistent node id of a Pi, kept in ``<state_dir>/node_id``.
+
+The article numbered slaves with ``random.randint(1, 100000)`` at every start, so
+two Pis could collide and a rebooted Pi came back as a stranger. A uuid4 created
+once and kept on disk names the Pi for its whole life: the master recognises it
+after a reboot or a reconnect, and every role thread of one process shares it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+NODE_ID_FILE = "node_id"
+_MAX_ID_LENGTH = 128
+
+
+class IdentityError(Exception):
+    """The node id cannot be read or created; the message names the path and the fix."""
+
+
+def _valid(node_id: str) -> bool:
+    return 0 < len(node_id) <= _MAX_ID_LENGTH and node_id.isprintable() and " " not in node_id
+
+
+def load_or_create_node_id(state_dir: str) -> str:
+    """Return the node id kept in ``state_dir``, creating it (uuid4) the first time.
+
+    The file is written atomically (temporary file, fsync, rename), so a power cut
+    during the first start never leaves an empty or half-written id behind.
+    Raises :class:`IdentityError` when the directory cannot be created or written,
+    or when the file holds something that is not a node id.
+    """
+    directory = Path(state_dir)
+    path = directory / NODE_ID_FILE
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        text = None  # created below; mkdir() names the problem if it cannot be
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IdentityError(f"cannot read node id file {path}: {exc}") from None
+    if text is not None:
+        if not _valid(text):
+            raise IdentityError(
+                f"node id file {path} holds {text[:40]!r}, not a node id; delete it to get a new id"
+            )
+        return text
+
+    node_id = str(uuid.uuid4())
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".node_id.", dir=str(directory))
+    except OSError as exc:
+        raise IdentityError(
+            f"cannot create node id in state directory {directory}: {exc.strerror or exc}"
+            " (make it writable by the rpicluster user, or set state_dir)"
+        ) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(node_id + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        # Two processes starting at once: the first rename wins, both read it back.
+        if path.exists():
+            os.unlink(tmp)
+            return load_or_create_node_id(state_dir)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise IdentityError(f"cannot write node id file {path}: {exc.strerror or exc}") from None
+    logger.info("created node id %s in %s", node_id, path)
+    return node_id
