@@ -54,9 +54,24 @@ if ! command -v debootstrap >/dev/null 2>&1; then
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq debootstrap >/dev/null
 fi
 
+# Remove a root file system, first unmounting what debootstrap mounted in it
+# (proc, sys) so that rm never reaches into the host's own /proc or /sys.
+remove_rootfs() {
+    local dir=$1 mnt
+    findmnt -rn -o TARGET | grep -F "$dir/" | sort -r | while read -r mnt; do
+        umount -l "$mnt" || true
+    done
+    rm -rf --one-file-system "$dir" "$dir.log"
+}
+
+# Leftovers of a build that was killed (we hold the lock, so none is running).
+for stale in /var/tmp/rpicluster-rootfs.*; do
+    [[ -d $stale ]] && remove_rootfs "$stale"
+done
+
 MIRROR=$(mirror)
 ROOT=$(mktemp -d /var/tmp/rpicluster-rootfs.XXXXXX)
-trap 'rm -rf "$ROOT"' EXIT
+trap 'remove_rootfs "$ROOT"' EXIT
 
 log "debootstrap $SUITE minbase from $MIRROR into $ROOT"
 start=$SECONDS
@@ -64,7 +79,6 @@ debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$ROOT" "$MIRROR" >
     tail -n 30 "$ROOT.log" >&2
     exit 1
 }
-rm -f "$ROOT.log"
 
 # The Pi's login user, as on Raspberry Pi OS: `pi`, with passwordless sudo.
 # Its password field is '*' (no password, not locked) so sshd accepts its key.
@@ -112,6 +126,6 @@ chroot "$ROOT" apt-get clean
 
 log "importing as $HASHED_TAG"
 tar -C "$ROOT" --numeric-owner -c . |
-    docker import -c 'CMD ["/lib/systemd/systemd"]' -c 'STOPSIGNAL SIGRTMIN+3' - "$HASHED_TAG" >/dev/null
+    docker import -c 'CMD ["/lib/systemd/systemd"]' - "$HASHED_TAG" >/dev/null
 docker tag "$HASHED_TAG" "$TAG"
 log "built $TAG in $((SECONDS - start))s"
