@@ -1,0 +1,417 @@
+"""The dashboard's HTML: the cluster page (``/``) and one page per node.
+
+Everything that comes from a node (hostname, roles, details, errors) is
+HTML-escaped; node ids in links are URL-quoted. The page refreshes itself with a
+``<meta http-equiv="refresh">`` (no script at all), every ``refresh_interval``
+rounded up to whole seconds, as browsers read that attribute.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from array import array
+from collections.abc import Mapping
+from html import escape
+from typing import Any, Callable, Optional
+from urllib.parse import quote
+
+import rpicluster
+from rpicluster.web import humanize
+from rpicluster.web.state import History, Snapshot, number, ram_total, vital
+from rpicluster.web.svg import auto_range, plot
+
+STATE_SYMBOLS = {"alive": "\u25cf", "suspect": "\u25b2", "dead": "\u2716", "left": "\u25cb"}
+COLORS = {
+    "cpu": "#0969da",
+    "temp": "#bc4c00",
+    "ram": "#8250df",
+    "load": "#1a7f37",
+    "disk": "#57606a",
+}
+
+CSS = """
+:root{--bg:#f4f6f8;--card:#fff;--fg:#1f2328;--muted:#656d76;--line:#d8dee4;--head:#f6f8fa;
+--alive:#1a7f37;--alive-bg:#dafbe1;--suspect:#9a6700;--suspect-bg:#fff8c5;--dead:#cf222e;
+--dead-bg:#ffebe9;--left:#57606a;--left-bg:#eaeef2;--link:#0969da}
+@media (prefers-color-scheme:dark){:root{--bg:#0d1117;--card:#161b22;--fg:#e6edf3;--muted:#8d96a0;
+--line:#30363d;--head:#1c2128;--alive:#3fb950;--alive-bg:#12261e;--suspect:#d29922;
+--suspect-bg:#272115;--dead:#f85149;--dead-bg:#2d1518;--left:#8d96a0;--left-bg:#21262d;
+--link:#4493f8}}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);
+font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif}
+a{color:var(--link);text-decoration:none}a:hover{text-decoration:underline}
+header{display:flex;flex-wrap:wrap;align-items:center;gap:8px 20px;padding:14px 24px;
+background:var(--card);border-bottom:1px solid var(--line)}
+h1{font-size:20px;margin:0;font-weight:650}
+h1 small{font-weight:400;color:var(--muted);font-size:13px}
+h2{font-size:16px;margin:22px 0 10px}
+main{padding:16px 24px 32px}
+.chips{display:flex;gap:8px;flex-wrap:wrap}
+.chip{padding:2px 10px;border-radius:999px;background:var(--head);border:1px solid var(--line);
+font-size:13px}.chip b{font-variant-numeric:tabular-nums}
+.meta{color:var(--muted);font-size:13px;margin-left:auto}
+.banner{margin:0 0 14px;padding:10px 14px;border-radius:6px;border:1px solid var(--dead);
+background:var(--dead-bg);color:var(--fg)}.banner b{color:var(--dead)}
+.card{background:var(--card);border:1px solid var(--line);border-radius:8px;overflow-x:auto}
+table{border-collapse:collapse;width:100%}
+th,td{padding:7px 10px;text-align:left;border-bottom:1px solid var(--line);white-space:nowrap;
+vertical-align:middle}
+th{background:var(--head);font-size:12px;font-weight:600;color:var(--muted);
+text-transform:uppercase;letter-spacing:.03em}
+tbody tr:last-child td{border-bottom:0}tbody tr:hover{background:var(--head)}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.host{font-weight:600}.id{display:block;color:var(--muted);font-size:11px;
+font-family:ui-monospace,"DejaVu Sans Mono",monospace}
+.role{display:inline-block;padding:0 7px;margin:1px 2px 1px 0;border-radius:4px;font-size:12px;
+background:var(--head);border:1px solid var(--line)}
+.state{display:inline-block;padding:1px 9px;border-radius:999px;font-size:12px;font-weight:600;
+border:1px solid currentColor}
+.state.alive{color:var(--alive);background:var(--alive-bg)}
+.state.suspect{color:var(--suspect);background:var(--suspect-bg)}
+.state.dead{color:var(--dead);background:var(--dead-bg)}
+.state.left,.state.unknown{color:var(--left);background:var(--left-bg)}
+tr.dead td,tr.left td{color:var(--muted)}
+svg.plot,svg.bigplot{display:block;overflow:visible}
+svg .frame{fill:var(--head);stroke:var(--line);stroke-width:1}
+svg .grid{stroke:var(--line);stroke-width:1;stroke-dasharray:2 3}
+svg .label,svg .nodata{fill:var(--muted);font-size:10px}
+td.spark{padding:4px 8px}
+.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:14px}
+.plots figure{margin:0;padding:10px 12px;background:var(--card);border:1px solid var(--line);
+border-radius:8px}.plots figcaption{font-weight:600;margin-bottom:6px}
+.plots svg{width:100%;height:auto}
+.facts{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:0 24px;
+padding:10px 14px}
+.facts div{display:flex;justify-content:space-between;gap:12px;padding:5px 0;
+border-bottom:1px solid var(--line)}.facts dt{color:var(--muted)}.facts dd{margin:0;
+text-align:right;overflow-wrap:anywhere}
+footer{color:var(--muted);font-size:12px;padding:0 24px 24px}
+.empty{padding:24px;text-align:center;color:var(--muted)}
+"""
+
+
+def _e(value: Any) -> str:
+    """Any value as escaped HTML text."""
+    return escape(value if isinstance(value, str) else str(value), quote=True)
+
+
+def node_href(node_id: str) -> str:
+    return "/nodes/" + quote(node_id, safe="")
+
+
+def state_badge(state: Any) -> str:
+    """The node's state as a coloured badge that reads without colour: symbol and word."""
+    word = state if state in STATE_SYMBOLS else "unknown"
+    symbol = STATE_SYMBOLS.get(word, "?")
+    return f'<span class="state {word}" title="state: {_e(state)}">{symbol} {_e(state)}</span>'
+
+
+def _page(title: str, body: str, refresh_seconds: int) -> str:
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<meta http-equiv="refresh" content="{refresh_seconds}">'
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>{body}</body></html>"
+    )
+
+
+def refresh_seconds(refresh_interval: float) -> int:
+    """Whole seconds for the meta refresh (browsers ignore fractions; 0 would loop)."""
+    return max(1, math.ceil(refresh_interval))
+
+
+# ------------------------------------------------------------------ plot data
+
+
+def _ram_used_percent(history: History, node: Mapping[str, Any]) -> array:
+    """RAM in use, in % of the node's RAM, per history point (NaN when unknown)."""
+    fallback = ram_total(node) or math.nan
+    out = array("d")
+    for avail, total in zip(history.column("ram_available"), history.column("ram_total")):
+        size = total if total > 0 else fallback
+        out.append(100.0 * (1.0 - avail / size) if size > 0 else math.nan)
+    return out
+
+
+PlotSpec = tuple[str, str, Callable[[History, Mapping[str, Any]], Any], Optional[tuple], Callable]
+
+# (key, caption, values of a history, fixed y range or None for auto, formatter)
+PLOTS: tuple[PlotSpec, ...] = (
+    ("cpu", "CPU %", lambda h, n: h.column("cpu_percent"), (0.0, 100.0), humanize.percent),
+    ("temp", "Temperature", lambda h, n: h.column("temperature"), None, humanize.temperature),
+    ("ram", "RAM used", _ram_used_percent, (0.0, 100.0), humanize.percent),
+)
+DETAIL_PLOTS: tuple[PlotSpec, ...] = PLOTS + (
+    ("load", "Load (1 min)", lambda h, n: h.column("load_1"), None, lambda v: f"{v:.2f}"),
+    ("disk", "Disk free", lambda h, n: h.column("disk_free"), None, humanize.size),
+)
+
+
+def _y_range(key: str, fixed: Optional[tuple], values: Any) -> tuple[float, float]:
+    if fixed is not None:
+        return fixed
+    if key == "load":
+        return auto_range(values, 1.0)
+    if key == "disk":
+        finite = [v for v in values if math.isfinite(v)]
+        return 0.0, (max(finite) * 1.1 if finite and max(finite) > 0 else 1.0)
+    return auto_range(values, 10.0)
+
+
+def node_plots(
+    snap: Snapshot,
+    node: Mapping[str, Any],
+    window: float,
+    now: float,
+    specs: tuple[PlotSpec, ...],
+    **size: Any,
+) -> list[tuple[str, str, str]]:
+    """(key, caption, svg) for each plot of one node over [now - window, now]."""
+    history = snap.node_history(str(node.get("node_id")))
+    minutes = window / 60
+    span = f"{minutes:.0f} min" if minutes >= 1 else f"{window:.0f} s"
+    out = []
+    for key, caption, values_of, fixed, fmt in specs:
+        values = values_of(history, node)
+        svg = plot(
+            history.ts,
+            values,
+            start=now - window,
+            end=now,
+            y_range=_y_range(key, fixed, values),
+            title=f"{caption} over the last {span}",
+            color=COLORS[key],
+            fmt=fmt,
+            **size,
+        )
+        out.append((key, caption, svg))
+    return out
+
+
+# ---------------------------------------------------------------------- pages
+
+
+def _header(snap: Snapshot, now_local: float, title_html: str) -> str:
+    counts = snap.counts()
+    chips = [f'<span class="chip"><b>{len(snap.nodes)}</b> nodes</span>']
+    chips += [
+        f'<span class="chip">{state_badge(state)} <b>{n}</b></span>'
+        for state, n in counts.items()
+        if n or state in ("alive", "dead")
+    ]
+    master = snap.master
+    host = master.get("hostname") or master.get("address") or ""
+    refreshed = humanize.ago(snap.fetched_at, now_local) if snap.fetched_at else "not yet"
+    meta = f"master {_e(host)} \u00b7 " if host else ""
+    meta += f"refreshed {_e(refreshed)}"
+    return (
+        f"<header><h1>{title_html}</h1>"
+        f'<div class="chips">{"".join(chips)}</div><div class="meta">{meta}</div></header>'
+    )
+
+
+def _banner(snap: Snapshot, stale_after: float, now_local: float) -> str:
+    since = snap.master_unreachable_since(stale_after)
+    if since is None:
+        if snap.fetched_at is None:
+            return (
+                '<div class="banner" role="status"><b>Waiting for the master.</b>'
+                " No cluster state received yet.</div>"
+            )
+        return ""
+    reason = f" ({_e(snap.last_error)})" if snap.last_error else ""
+    return (
+        '<div class="banner" role="alert" id="master-unreachable"><b>Master unreachable since '
+        f"{_e(humanize.clock(since))}</b> ({_e(humanize.ago(since, now_local))}){reason}: "
+        "showing the last known state.</div>"
+    )
+
+
+def _roles(node: Mapping[str, Any]) -> str:
+    roles = node.get("roles")
+    if not isinstance(roles, list) or not roles:
+        return humanize.DASH
+    return "".join(f'<span class="role">{_e(r)}</span>' for r in roles)
+
+
+def _node_row(snap: Snapshot, node: Mapping[str, Any], now: float, window: float) -> str:
+    node_id = str(node.get("node_id"))
+    state = node.get("state")
+    v = node.get("vitals") if isinstance(node.get("vitals"), Mapping) else None
+    hostname = node.get("hostname") or node.get("address") or node_id
+    loads = tuple(vital(v, k) for k in ("load_1", "load_5", "load_15"))
+    cells = [
+        f'<td><a class="host" href="{_e(node_href(node_id))}">{_e(hostname)}</a>'
+        f'<span class="id">{_e(node_id)}</span></td>',
+        f"<td>{_roles(node)}</td>",
+        f"<td>{state_badge(state)}</td>",
+        f'<td class="seen">{_e(humanize.ago(number(node.get("last_seen")), now))}</td>',
+        f'<td class="num">{_e(humanize.duration(vital(v, "uptime")))}</td>',
+        f'<td class="num">{_e(humanize.percent(vital(v, "cpu_percent")))}</td>',
+        f'<td class="num">{_e(humanize.load(loads))}</td>',
+        f'<td class="num">{_e(humanize.size(vital(v, "ram_available")))}</td>',
+        f'<td class="num">{_e(humanize.size(vital(v, "disk_free")))}</td>',
+        f'<td class="num">{_e(humanize.temperature(vital(v, "temperature")))}</td>',
+    ]
+    for key, _caption, svg in node_plots(snap, node, window, now, PLOTS):
+        cells.append(f'<td class="spark" data-plot="{key}">{svg}</td>')
+    state_class = state if state in STATE_SYMBOLS else "unknown"
+    return (
+        f'<tr class="node {state_class}" data-node-id="{_e(node_id)}" data-state="{_e(state)}">'
+        + "".join(cells)
+        + "</tr>"
+    )
+
+
+def _footer(snap: Snapshot) -> str:
+    counters = snap.master.get("counters")
+    parts = [f"rpicluster {_e(rpicluster.__version__)}"]
+    if isinstance(counters, Mapping):
+        for key, value in sorted(counters.items()):
+            if number(value) is not None:
+                parts.append(f"{_e(key.replace('_', ' '))}: {value:g}")
+    return "<footer>" + " \u00b7 ".join(parts) + "</footer>"
+
+
+def render_dashboard(
+    snap: Snapshot, *, refresh_interval: float, history_window: float, stale_after: float
+) -> str:
+    """The cluster page: one row per node with its latest vitals and small plots."""
+    now = snap.now()
+    now_local = now - snap.clock_offset
+    minutes = history_window / 60
+    span = f"{minutes:.0f} min" if minutes >= 1 else f"{history_window:.0f} s"
+    head = (
+        "<thead><tr><th>Node</th><th>Roles</th><th>State</th><th>Last seen</th>"
+        "<th>Uptime</th><th>CPU</th><th>Load 1/5/15</th><th>RAM free</th><th>Disk free</th>"
+        f"<th>Temp</th><th>CPU % ({span})</th><th>Temp ({span})</th><th>RAM used ({span})</th>"
+        "</tr></thead>"
+    )
+    rows = "".join(_node_row(snap, node, now, history_window) for node in snap.nodes)
+    if not snap.nodes:
+        rows = '<tr><td colspan="13" class="empty">No node has joined the cluster yet.</td></tr>'
+    counts = snap.counts()
+    body = (
+        _header(snap, now_local, "rpicluster <small>dashboard</small>")
+        + "<main>"
+        + _banner(snap, stale_after, now_local)
+        + f'<div class="card"><table id="nodes">{head}<tbody>{rows}</tbody></table></div>'
+        + "</main>"
+        + _footer(snap)
+    )
+    title = f"rpicluster: {len(snap.nodes)} nodes, {counts.get('alive', 0)} alive"
+    return _page(title, body, refresh_seconds(refresh_interval))
+
+
+def _fact(name: str, value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        value = json.dumps(value, sort_keys=True)
+    elif value is None:
+        value = humanize.DASH
+    return f"<div><dt>{_e(name)}</dt><dd>{_e(value)}</dd></div>"
+
+
+def _section(title: str, facts_html: str) -> str:
+    return f'<h2>{_e(title)}</h2><div class="card"><dl class="facts">{facts_html}</dl></div>'
+
+
+def _describe(key: str, value: Any) -> Any:
+    """A vitals/details value in human units where the key says what it is."""
+    n = number(value)
+    if n is None:
+        return value
+    if key.startswith(("ram_", "mem_", "swap_", "disk_")):
+        return humanize.size(n)
+    if key == "uptime":
+        return humanize.duration(n)
+    if key in ("boot_time", "ts"):
+        return humanize.clock(n)
+    if key in ("temperature", "temperature_c"):
+        return humanize.temperature(n)
+    if key == "cpu_percent":
+        return humanize.percent(n)
+    return value
+
+
+def render_node(
+    snap: Snapshot,
+    node: Mapping[str, Any],
+    *,
+    refresh_interval: float,
+    history_window: float,
+    stale_after: float,
+) -> str:
+    """One node: its state, large plots, latest vitals, details and action errors."""
+    now = snap.now()
+    now_local = now - snap.clock_offset
+    node_id = str(node.get("node_id"))
+    hostname = node.get("hostname") or node.get("address") or node_id
+    facts = [
+        _fact("node id", node_id),
+        _fact("address", node.get("address")),
+        _fact("roles", ", ".join(map(str, node.get("roles") or [])) or None),
+        _fact("state", node.get("state")),
+        _fact("connected", node.get("connected")),
+        _fact("last seen", humanize.ago(number(node.get("last_seen")), now)),
+        _fact("connected since", humanize.clock(number(node.get("connected_since")))),
+    ]
+    plots = node_plots(
+        snap,
+        node,
+        history_window,
+        now,
+        DETAIL_PLOTS,
+        width=640,
+        height=170,
+        axes=True,
+        css_class="bigplot",
+    )
+    figures = "".join(
+        f'<figure data-plot="{key}"><figcaption>{_e(caption)}</figcaption>{svg}</figure>'
+        for key, caption, svg in plots
+    )
+    vitals = node.get("vitals") if isinstance(node.get("vitals"), Mapping) else {}
+    details = node.get("details") if isinstance(node.get("details"), Mapping) else {}
+    vitals_html = "".join(_fact(k, _describe(k, v)) for k, v in sorted(vitals.items()))
+    details_html = "".join(_fact(k, _describe(k, v)) for k, v in sorted(details.items()))
+    errors = node.get("action_errors")
+    errors_html = ""
+    if isinstance(errors, Mapping) and errors:
+        errors_html = (
+            '<h2>Action errors</h2><div class="card"><dl class="facts">'
+            + "".join(
+                _fact(
+                    role,
+                    f"{info.get('count', '?')} \u00d7, last: {info.get('last', '')}"
+                    if isinstance(info, Mapping)
+                    else info,
+                )
+                for role, info in sorted(errors.items())
+            )
+            + "</dl></div>"
+        )
+    title_html = f'<a href="/">rpicluster</a> / {_e(hostname)} {state_badge(node.get("state"))}'
+    body = (
+        _header(snap, now_local, title_html)
+        + "<main>"
+        + _banner(snap, stale_after, now_local)
+        + f'<div class="card"><dl class="facts">{"".join(facts)}</dl></div>'
+        + f'<h2>Vitals history</h2><div class="plots">{figures}</div>'
+        + _section("Latest vitals", vitals_html or _fact("vitals", None))
+        + _section("Details", details_html or _fact("details", None))
+        + errors_html
+        + "</main>"
+        + _footer(snap)
+    )
+    return _page(f"rpicluster: {hostname}", body, refresh_seconds(refresh_interval))
+
+
+def render_not_found(what: str) -> str:
+    body = (
+        '<header><h1><a href="/">rpicluster</a></h1></header>'
+        f'<main><div class="banner" role="alert"><b>Not found:</b> {_e(what)}</div>'
+        '<p><a href="/">Back to the dashboard</a></p></main>'
+    )
+    return _page("rpicluster: not found", body, 60)
