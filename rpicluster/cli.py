@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -77,6 +78,9 @@ def run_master(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"rpicluster: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except (OSError, sqlite3.Error) as exc:  # the port is taken, state_dir not writable...
+        print(f"rpicluster-master: cannot start: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     return EXIT_OK
 
 
@@ -159,7 +163,7 @@ def _number(value: Any, fmt: str) -> str:
 def format_table(state: dict[str, Any], now: Optional[float] = None) -> str:
     """The cluster as a readable table, one row per node."""
     now = time.time() if now is None else now
-    header = ("HOSTNAME", "ROLES", "STATE", "LAST SEEN", "CPU %", "TEMP °C")
+    header = ("HOSTNAME", "ROLES", "STATE", "LAST SEEN", "CPU %", "TEMP C")
     rows = [header]
     for node in sorted(state.get("nodes", []), key=lambda n: str(n.get("hostname", ""))):
         vitals = node.get("vitals") or {}
