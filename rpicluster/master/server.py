@@ -136,7 +136,6 @@ class Connection(asyncio.Protocol):
         """Send an ``error`` frame (when ``code``) and close; used for replaced/swept sessions."""
         if self.closed or self.transport is None:
             return
-        self.session = None
         if code is not None:
             self.transport.write(p.make(p.ERROR, code=code, message=message))
         self.closed = True
