@@ -160,6 +160,25 @@ def _y_range(key: str, fixed: Optional[tuple], values: Any) -> tuple[float, floa
     return auto_range(values, 10.0)
 
 
+MIN_PLOT_SPAN = 60.0
+
+
+def plot_span(snap: Snapshot, window: float, now: float) -> float:
+    """Seconds the plots cover: the history window, or less while the cluster is young.
+
+    A fresh cluster has a minute of history; drawn over an hour it would be a dot at
+    the right edge. Every node's plot shares this span so rows compare at a glance.
+    """
+    starts = [h.ts[0] for h in snap.history.values() if len(h)]
+    if not starts:
+        return window
+    return min(window, max(now - min(starts), min(MIN_PLOT_SPAN, window)))
+
+
+def span_text(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 def node_plots(
     snap: Snapshot,
     node: Mapping[str, Any],
@@ -170,8 +189,7 @@ def node_plots(
 ) -> list[tuple[str, str, str]]:
     """(key, caption, svg) for each plot of one node over [now - window, now]."""
     history = snap.node_history(str(node.get("node_id")))
-    minutes = window / 60
-    span = f"{minutes:.0f} min" if minutes >= 1 else f"{window:.0f} s"
+    span = span_text(window)
     out = []
     for key, caption, values_of, fixed, fmt in specs:
         values = values_of(history, node)
@@ -281,15 +299,15 @@ def render_dashboard(
     """The cluster page: one row per node with its latest vitals and small plots."""
     now = snap.now()
     now_local = now - snap.clock_offset
-    minutes = history_window / 60
-    span = f"{minutes:.0f} min" if minutes >= 1 else f"{history_window:.0f} s"
+    window = plot_span(snap, history_window, now)
+    span = span_text(window)
     head = (
         "<thead><tr><th>Node</th><th>Roles</th><th>State</th><th>Last seen</th>"
         "<th>Uptime</th><th>CPU</th><th>Load 1/5/15</th><th>RAM free</th><th>Disk free</th>"
         f"<th>Temp</th><th>CPU % ({span})</th><th>Temp ({span})</th><th>RAM used ({span})</th>"
         "</tr></thead>"
     )
-    rows = "".join(_node_row(snap, node, now, history_window) for node in snap.nodes)
+    rows = "".join(_node_row(snap, node, now, window) for node in snap.nodes)
     if not snap.nodes:
         rows = '<tr><td colspan="13" class="empty">No node has joined the cluster yet.</td></tr>'
     counts = snap.counts()
@@ -360,7 +378,7 @@ def render_node(
     plots = node_plots(
         snap,
         node,
-        history_window,
+        plot_span(snap, history_window, now),
         now,
         DETAIL_PLOTS,
         width=640,
