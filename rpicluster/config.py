@@ -8,9 +8,10 @@ setting must never half-start a Pi. ``rpicluster.cfg.example`` documents the key
 from __future__ import annotations
 
 import configparser
+import difflib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -67,7 +68,7 @@ class SlaveSettings:
 
     master_ip: str
     socket_port: int = DEFAULT_PORT
-    roles: tuple[str, ...] = ("basic",)
+    roles: tuple[str, ...] = ("basic", "vitals")
     state_dir: str = DEFAULT_STATE_DIR
     reconnect_base: float = 0.5
     reconnect_cap: float = 5.0
@@ -154,7 +155,9 @@ class _Reader:
         except ValueError:
             noun = "a whole number" if kind is int else "a number"
             raise self.error(section, key, f"{value!r} is not {noun}") from None
-        if not (minimum <= number <= maximum) or number != number:
+        if not math.isfinite(number):
+            raise self.error(section, key, f"{value!r} is not a finite number")
+        if not (minimum <= number <= maximum):
             upper = "" if maximum == math.inf else f" and at most {maximum:g}"
             raise self.error(section, key, f"{value} must be at least {minimum:g}{upper}")
         return number
@@ -225,7 +228,7 @@ def parse_roles(value: str) -> tuple[str, ...]:
 def _read_slave(r: _Reader) -> SlaveSettings:
     s = "slave"
     try:
-        roles = parse_roles(r.text(s, "roles", "basic"))
+        roles = parse_roles(r.text(s, "roles", "basic, vitals"))
     except ValueError as exc:
         raise r.error(s, "roles", str(exc)) from None
     base = r.number(s, "reconnect_base", 0.5, minimum=0.01, maximum=60)
@@ -253,6 +256,25 @@ def _read_webserver(r: _Reader) -> WebserverSettings:
     )
 
 
+def _check_known_keys(r: _Reader) -> None:
+    """A misspelt key in a known section is an error, not a silently ignored line."""
+    known = {
+        "cluster": ClusterSettings,
+        "master": MasterSettings,
+        "slave": SlaveSettings,
+        "webserver": WebserverSettings,
+    }
+    for section, settings in known.items():
+        if not r.parser.has_section(section):
+            continue
+        keys = [f.name for f in fields(settings)]
+        for key in r.parser.options(section):
+            if key not in keys:
+                close = difflib.get_close_matches(key, keys, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(keys)})"
+                raise r.error(section, key, f"is not a known setting{hint}")
+
+
 def parse_config(text: str, path: str = "<string>", *, need: str = "any") -> Config:
     """Validate config ``text``; ``need`` is ``master``, ``slave`` or ``any``."""
     parser = configparser.ConfigParser(interpolation=None)
@@ -262,6 +284,7 @@ def parse_config(text: str, path: str = "<string>", *, need: str = "any") -> Con
         first_line = str(exc).splitlines()[0]
         raise ConfigError(path, None, None, f"not a valid INI file: {first_line}") from None
     r = _Reader(path, parser)
+    _check_known_keys(r)
     if need in ("master", "slave") and not parser.has_section(need):
         raise ConfigError(path, need, None, "section is missing")
     cluster = _read_cluster(r)
