@@ -20,6 +20,10 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
+	@# A fresh Debian has python3 without ensurepip: venv needs python3-venv.
+	$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
+		apt-get -o DPkg::Lock::Timeout=600 update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq python3-venv; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt
@@ -51,12 +55,14 @@ demo: $(STAMP)  ## a master and three slave containers deployed over SSH, then t
 	bash $(RESOURCES)/demo.sh up
 
 demo-down:  ## remove the demo containers, network and inventory
+	bash $(RESOURCES)/docker-engine.sh
 	bash $(RESOURCES)/demo.sh down
 
 bench: $(STAMP)  ## benchmarks; figures are appended to bench/results.md
 	$(BIN)/python -m bench.master_load
 	$(BIN)/python -m bench.failover
 	$(BIN)/python -m bench.slave_footprint
+	$(BIN)/python -m bench.deploy
 
 wheel: $(STAMP)  ## build the pure-Python wheel into dist/
 	$(BIN)/pip wheel --quiet --no-deps --wheel-dir dist .
