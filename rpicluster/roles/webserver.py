@@ -23,8 +23,6 @@ from rpicluster.web.state import ClusterState, refresh
 
 log = logging.getLogger(__name__)
 
-RETRY_BIND_AFTER = 10.0  # seconds between two attempts to bind a busy port
-
 
 class WebserverSlaveThread(RpiBasicSlaveThread):
     """Refreshes a copy of the cluster state and serves it over HTTP.
@@ -34,6 +32,8 @@ class WebserverSlaveThread(RpiBasicSlaveThread):
     """
 
     role = "webserver"
+    #: Seconds between two attempts to bind a busy port.
+    retry_bind_after = 10.0
 
     def __init__(
         self,
@@ -83,14 +83,14 @@ class WebserverSlaveThread(RpiBasicSlaveThread):
             if self.web.server is not None or self.stopping.is_set():
                 return
             now = time.monotonic()
-            if self._bind_failed_at is not None and now - self._bind_failed_at < RETRY_BIND_AFTER:
+            if self._bind_failed_at is not None and now - self._bind_failed_at < self.retry_bind_after:
                 return
             try:
                 self.web.start()
                 self._bind_failed_at = None
             except OSError as exc:
                 if self._bind_failed_at is None:
-                    log.error("%s; retrying every %g s", exc, RETRY_BIND_AFTER)
+                    log.error("%s; retrying every %g s", exc, self.retry_bind_after)
                 self._bind_failed_at = now
 
     def run(self) -> None:

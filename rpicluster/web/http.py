@@ -163,7 +163,10 @@ def _node_id(path: str) -> Optional[str]:
     raw = path.split("/nodes/", 1)[1]
     if not raw or "/" in raw:
         return None
-    node_id = unquote(raw, errors="strict") if "%" in raw else raw
+    try:
+        node_id = unquote(raw, errors="strict") if "%" in raw else raw
+    except UnicodeDecodeError:
+        return None
     if len(node_id) > MAX_NODE_ID_LENGTH or "/" in node_id:
         return None
     return node_id
