@@ -1,0 +1,143 @@
+"""Benchmark: the master under N simulated slaves heartbeating at an interval.
+
+Starts the master as its own process on 127.0.0.1, launches N simulated slaves
+(``bench.simslaves``) over several processes, waits until the master counts all
+of them alive, then measures over ``--duration`` seconds: the master's CPU (% of
+one core) and RSS with psutil, and every heartbeat's round trip as the slaves see
+it. Targets (issue 2, 2 cores): 10,000 slaves at 1 heartbeat/s, master <= 50 % of
+one core and <= 128 MB RSS, round trip p99 < 50 ms, all registered within 30 s,
+not one marked dead.
+
+    python -m bench.master_load --slaves 10000 --interval 1 --duration 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import statistics
+import time
+from typing import Any
+
+from bench import report
+from bench.simslaves import (
+    SECRET,
+    Fleet,
+    MasterProcess,
+    free_port,
+    percentile,
+    query_cluster,
+    raise_nofile,
+    temp_state_dir,
+    write_config,
+)
+from rpicluster import protocol as p
+
+MB = 1024 * 1024
+
+
+def counts(port: int) -> dict[str, int]:
+    """Node counts by state from one small ``cluster`` page (limit 1)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        p.client_handshake(sock, SECRET, kind=p.KIND_CLIENT, node_id="bench-poll", role="-")
+        p.send_frame(sock, p.make(p.QUERY, id=1, what="cluster", limit=1))
+        reply = p.recv_message(sock)
+        return reply["data"]["master"]["nodes"]
+
+
+def main(argv: Any = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slaves", type=int, default=10000, help="simulated slaves (10000)")
+    parser.add_argument("--interval", type=float, default=1.0, help="heartbeat interval, s (1)")
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds (20)")
+    parser.add_argument("--processes", type=int, default=3, help="slave processes (3)")
+    parser.add_argument("--ramp", type=float, default=5.0, help="connect spread, s (5)")
+    parser.add_argument("--no-append", action="store_true", help="do not write results.md")
+    args = parser.parse_args(argv)
+
+    raise_nofile(4096)
+    state_dir = temp_state_dir()
+    port = free_port()
+    config = write_config(state_dir, port, heartbeat_interval=args.interval)
+    master = MasterProcess(config, f"{state_dir}/master.log", port)
+    fleet = Fleet(port, args.slaves, args.interval, args.processes, ramp=args.ramp)
+    lines: list[str] = []
+    try:
+        master.start()
+        cpu0, t0 = master.cpu_seconds(), time.monotonic()
+        fleet.start()
+        launched = time.monotonic()
+        rss_max = 0
+        registered_after = None
+        while time.monotonic() - launched < 60:
+            rss_max = max(rss_max, master.rss())
+            state = counts(port)
+            if state["alive"] >= args.slaves:
+                registered_after = time.monotonic() - launched
+                break
+            time.sleep(0.25)
+        join_cpu = (master.cpu_seconds() - cpu0) / (time.monotonic() - t0) * 100
+        if registered_after is None:
+            print(f"only {state} after 60 s; measuring anyway")
+        time.sleep(2.0)  # settle: every slave has sent a few heartbeats
+        fleet.measure.set()
+        cpu_a, fleet_a, t_a = master.cpu_seconds(), fleet.cpu_seconds(), time.monotonic()
+        rss_samples = []
+        while time.monotonic() - t_a < args.duration:
+            rss_samples.append(master.rss())
+            time.sleep(0.5)
+        cpu_b, fleet_b, t_b = master.cpu_seconds(), fleet.cpu_seconds(), time.monotonic()
+        fleet.measure.clear()
+        cpu_pct = (cpu_b - cpu_a) / (t_b - t_a) * 100
+        fleet_pct = (fleet_b - fleet_a) / (t_b - t_a) * 100
+        rss_max = max([rss_max, *rss_samples])
+        doc = query_cluster(port)
+        by_state: dict[str, int] = {}
+        for node in doc["nodes"]:
+            by_state[node["state"]] = by_state.get(node["state"], 0) + 1
+        results = fleet.stop()
+    finally:
+        master.stop()
+    rtts_ms = [r * 1000 for r in results["rtts"]]
+    expected = args.slaves * args.duration / args.interval
+    lines += [
+        f"slaves: {args.slaves} in {args.processes} processes, heartbeat every {args.interval:g} s,"
+        f" measured {args.duration:g} s",
+        f"master CPU: {cpu_pct:.1f} % of one core while steady"
+        f" ({join_cpu:.1f} % while {args.slaves} joined); slave processes {fleet_pct:.1f} %",
+        f"master RSS: max {rss_max / MB:.1f} MB, median {statistics.median(rss_samples) / MB:.1f} MB",
+        f"heartbeat round trip: p50 {percentile(rtts_ms, 50):.2f} ms,"
+        f" p99 {percentile(rtts_ms, 99):.2f} ms, max {max(rtts_ms, default=float('nan')):.1f} ms"
+        f" over {len(rtts_ms)} acks ({len(rtts_ms) / expected * 100:.1f} % of {expected:.0f}"
+        f" sent), {results['late']} not acked before the next",
+        "all registered: "
+        + (
+            f"{registered_after:.1f} s after launching the fleet (connects spread over"
+            f" {args.ramp:g} s)"
+            if registered_after is not None
+            else "NO, not within 60 s"
+        ),
+        f"states at the end: {by_state}; disconnects seen by slaves: {results['disconnects']};"
+        f" errors: {sorted(set(results['errors']))}",
+    ]
+    targets = [
+        ("master CPU <= 50 % of one core", cpu_pct <= 50),
+        ("master RSS <= 128 MB", rss_max <= 128 * MB),
+        ("round trip p99 < 50 ms", percentile(rtts_ms, 99) < 50),
+        ("all registered within 30 s", registered_after is not None and registered_after <= 30),
+        ("none marked dead", by_state.get("dead", 0) == 0 and by_state.get("suspect", 0) == 0),
+    ]
+    lines.append(
+        "targets: " + "; ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in targets)
+    )
+    if args.no_append:
+        print("\n".join(lines))
+    else:
+        report.append(f"master_load: {args.slaves} slaves", lines)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return 0 if all(ok for _, ok in targets) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
