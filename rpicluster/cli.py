@@ -11,15 +11,21 @@ import argparse
 import json
 import logging
 import signal
-import sqlite3
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import rpicluster
-from rpicluster.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from rpicluster.config import Config
+
+# rpicluster.config (and through it rpicluster.protocol) is imported only once a
+# command runs, so run_slave() can first decide how lean the process may be.
+DEFAULT_CONFIG_PATH = "/etc/rpicluster/rpicluster.cfg"  # = rpicluster.config's
+LEAN_ROLES = frozenset(("basic", "vitals"))
 
 logger = logging.getLogger("rpicluster")
 
@@ -57,6 +63,8 @@ def _setup_logging(level: str) -> None:
 
 def _load(path: str, need: str) -> Optional[Config]:
     """The validated config, or None after printing the one-line error."""
+    from rpicluster.config import ConfigError, load_config
+
     try:
         return load_config(path, need=need)
     except ConfigError as exc:
@@ -71,6 +79,9 @@ def run_master(args: argparse.Namespace) -> int:
     config = _load(args.config, "master")
     if config is None:
         return EXIT_CONFIG
+    import sqlite3  # here, not at the top: rpicluster-slave never needs it
+
+    from rpicluster.config import ConfigError
     from rpicluster.master import Master
 
     try:
@@ -87,12 +98,38 @@ def run_master(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------- slave
 
 
+def _lean_hashing(config_path: str) -> None:
+    """Keep OpenSSL's libcrypto out of a slave that runs only built-in lean roles.
+
+    The slave's one use of a hash is a single HMAC-SHA256 per connection;
+    ``hashlib`` and ``hmac`` fall back to Python's built-in SHA-256 when
+    ``_hashlib`` is unavailable, and not mapping libcrypto saves about 3.5 MB of
+    RSS (issue 2's budget is 20 MB). A custom or webserver role may need all of
+    OpenSSL's algorithms, so then nothing changes.
+    """
+    import configparser
+
+    if "_hashlib" in sys.modules:
+        return
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(config_path, encoding="utf-8")
+        roles = parser.get("slave", "roles", fallback="basic, vitals")
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return  # load_config() reports the problem properly
+    names = {part.strip() for part in roles.split(",") if part.strip()}
+    if names and names <= LEAN_ROLES:
+        sys.modules["_hashlib"] = None  # type: ignore[assignment]
+
+
 def run_slave(args: argparse.Namespace) -> int:
     """One thread per role; SIGTERM or SIGINT stops them all with a goodbye, exit 0."""
+    _lean_hashing(args.config)
     config = _load(args.config, "slave")
     if config is None:
         return EXIT_CONFIG
     assert config.slave is not None
+    from rpicluster.config import ConfigError
     from rpicluster.roles import resolve
 
     try:
@@ -199,6 +236,7 @@ def run_status(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     from rpicluster.client import ClientError, MasterClient
+    from rpicluster.config import ConfigError
 
     try:
         host, port = config.master_address()

@@ -11,9 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
+import threading
 import uuid
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +36,11 @@ def load_or_create_node_id(state_dir: str) -> str:
     Raises :class:`IdentityError` when the directory cannot be created or written,
     or when the file holds something that is not a node id.
     """
-    directory = Path(state_dir)
-    path = directory / NODE_ID_FILE
+    directory = state_dir
+    path = os.path.join(directory, NODE_ID_FILE)
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        with open(path, encoding="utf-8") as source:
+            text = source.read().strip()
     except (FileNotFoundError, NotADirectoryError):
         text = None  # created below; mkdir() names the problem if it cannot be
     except (OSError, UnicodeDecodeError) as exc:
@@ -54,8 +54,10 @@ def load_or_create_node_id(state_dir: str) -> str:
 
     node_id = str(uuid.uuid4())
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".node_id.", dir=str(directory))
+        os.makedirs(directory, exist_ok=True)
+        # pathlib/tempfile would cost the slave ~1.5 MB RSS of imports; a unique name is enough.
+        tmp = os.path.join(directory, f".node_id.{os.getpid()}.{threading.get_ident()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError as exc:
         raise IdentityError(
             f"cannot create node id in state directory {directory}: {exc.strerror or exc}"
@@ -66,9 +68,8 @@ def load_or_create_node_id(state_dir: str) -> str:
             out.write(node_id + "\n")
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
         # Two processes starting at once: the first rename wins, both read it back.
-        if path.exists():
+        if os.path.exists(path):
             os.unlink(tmp)
             return load_or_create_node_id(state_dir)
         os.replace(tmp, path)

@@ -1,0 +1,187 @@
+"""Footprint of one ``rpicluster-slave`` running ``basic,vitals`` with the default intervals.
+
+Starts a master and two slaves as subprocesses on 127.0.0.1: one launched the
+way the wheel's console script runs on a Pi, one from the dev venv's console
+script (whose editable-install import hooks cost extra RSS), waits until both
+are registered with vitals, then samples their RSS every second and their CPU
+time at both ends of the same window. Targets (issue 2): at most 20 MB RSS and 0.5 % of one core.
+
+    python -m bench.slave_footprint --seconds 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.report import append
+from rpicluster.client import ClientError, MasterClient
+
+RSS_TARGET_MB = 20.0
+CPU_TARGET_PERCENT = 0.5
+SECRET = "bench-footprint-secret-0123456789"
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]
+
+
+def command(script: str, module_args: list[str]) -> list[str]:
+    path = Path(sys.executable).with_name(script)
+    return [str(path)] if path.exists() else [sys.executable, "-m", "rpicluster", *module_args]
+
+
+def write_configs(workdir: Path, port: int, slaves: list[str]) -> tuple[Path, list[Path]]:
+    master = workdir / "master.cfg"
+    master.write_text(
+        f"[cluster]\nsecret = {SECRET}\n"
+        f"[master]\nsocket_bind_ip = 127.0.0.1\nsocket_port = {port}\n"
+        f"state_dir = {workdir / 'master-state'}\n"
+    )
+    configs = []
+    for name in slaves:
+        config = workdir / f"slave-{name}.cfg"
+        config.write_text(
+            f"[cluster]\nsecret = {SECRET}\n"
+            f"[slave]\nmaster_ip = 127.0.0.1\nsocket_port = {port}\nroles = basic, vitals\n"
+            f"state_dir = {workdir / ('state-' + name)}\n"
+        )
+        configs.append(config)
+    return master, configs
+
+
+def pi_like_python(workdir: Path) -> str:
+    """A bare venv that imports rpicluster and psutil from plain sys.path entries.
+
+    This is how the wheel runs on a Pi: no editable-install finder and no
+    ``_distutils_hack``, whose imports the dev venv's processes pay on top.
+    """
+    venv = workdir / "pi-venv"
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    repo = Path(__file__).resolve().parent.parent
+    Path(site, "rpicluster-bench.pth").write_text(
+        f"{repo}\n{Path(psutil.__file__).parent.parent}\n"
+    )
+    return str(python)
+
+
+# What the console script that pip writes for rpicluster-slave runs.
+CONSOLE_SCRIPT = "import sys; from rpicluster.cli import slave_main; sys.exit(slave_main())"
+
+
+def wait_registered(port: int, node_id_file: Path, timeout: float = 30.0) -> str:
+    """Block until the slave's node is alive with a vitals reading; return its id."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if node_id_file.exists():
+            node_id = node_id_file.read_text().strip()
+            try:
+                with MasterClient("127.0.0.1", port, SECRET, timeout=2) as client:
+                    nodes = client.cluster_state()["nodes"]
+            except ClientError:
+                nodes = []
+            for node in nodes:
+                if node["node_id"] == node_id and node["state"] == "alive" and node["vitals"]:
+                    return node_id
+        time.sleep(0.2)
+    raise SystemExit(f"a slave did not register with vitals within {timeout:g} s")
+
+
+def measure(seconds: float) -> list[str]:
+    """Run a Pi-like slave and the dev venv's console script side by side, same window."""
+    workdir = Path(tempfile.mkdtemp(prefix="rpicluster-footprint-"))
+    port = free_port()
+    names = ["pi", "dev"]
+    master_cfg, slave_cfgs = write_configs(workdir, port, names)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    commands = {
+        "pi": [pi_like_python(workdir), "-c", CONSOLE_SCRIPT],
+        "dev": command("rpicluster-slave", ["slave"]),
+    }
+    master = subprocess.Popen(
+        [*command("rpicluster-master", ["master"]), "--config", str(master_cfg)], **quiet
+    )
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name, config in zip(names, slave_cfgs):
+            procs[name] = subprocess.Popen([*commands[name], "--config", str(config)], **quiet)
+        for name in names:
+            wait_registered(port, workdir / f"state-{name}" / "node_id")
+        handles = {name: psutil.Process(proc.pid) for name, proc in procs.items()}
+        time.sleep(2.0)  # let the start-up work (imports, first readings) settle
+        start_cpu = {name: h.cpu_times() for name, h in handles.items()}
+        start = time.monotonic()
+        rss: dict[str, list[int]] = {name: [] for name in names}
+        while time.monotonic() - start < seconds:
+            for name, handle in handles.items():
+                rss[name].append(handle.memory_info().rss)
+            time.sleep(1.0)
+        elapsed = time.monotonic() - start
+        end_cpu = {name: h.cpu_times() for name, h in handles.items()}
+        uss = {name: h.memory_full_info().uss for name, h in handles.items()}
+        threads = {name: h.num_threads() for name, h in handles.items()}
+        alive = all(proc.poll() is None for proc in procs.values())
+    finally:
+        for proc in [*procs.values(), master]:
+            proc.terminate()
+        for proc in [*procs.values(), master]:
+            proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+    if not alive:
+        raise SystemExit("a slave process ended during the window")
+    labels = {
+        "pi": "as installed on a Pi (plain sys.path, console script)",
+        "dev": "dev venv (editable install, .venv/bin/rpicluster-slave)",
+    }
+    lines = [
+        "slaves: roles basic,vitals; heartbeat 1 s, vitals every 5 s (defaults);"
+        f" {threads['pi']} threads each; both measured in the same {elapsed:.1f} s window",
+    ]
+    for name in names:
+        before, after = start_cpu[name], end_cpu[name]
+        used = (after.user - before.user) + (after.system - before.system)
+        cpu_percent = 100.0 * used / elapsed
+        rss_mb = [value / 2**20 for value in rss[name]]
+        peak, median = max(rss_mb), statistics.median(rss_mb)
+        verdict_rss = "met" if peak <= RSS_TARGET_MB else "MISSED"
+        verdict_cpu = "met" if cpu_percent <= CPU_TARGET_PERCENT else "MISSED"
+        lines.append(
+            f"{labels[name]}: RSS median {median:.1f} MB, peak {peak:.1f} MB"
+            f" (USS {uss[name] / 2**20:.1f} MB), target <= {RSS_TARGET_MB:g} MB {verdict_rss};"
+            f" CPU {cpu_percent:.3f} % of one core ({used:.2f} s),"
+            f" target <= {CPU_TARGET_PERCENT:g} % {verdict_cpu}"
+        )
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="measurement window")
+    args = parser.parse_args()
+    if args.seconds < 5:
+        parser.error("--seconds must be at least 5")
+    lines = measure(args.seconds)
+    append("slave_footprint: one rpicluster-slave running basic,vitals", lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
