@@ -43,6 +43,7 @@ def vitals(ts: float, cpu: float = 12.5, temp: Any = 48.2, **extra: Any) -> dict
 
 
 def node(node_id: str, hostname: str, state: str = "alive", **extra: Any) -> dict[str, Any]:
+    now = time.time()
     doc = {
         "node_id": node_id,
         "hostname": hostname,
@@ -50,10 +51,10 @@ def node(node_id: str, hostname: str, state: str = "alive", **extra: Any) -> dic
         "roles": ["basic", "vitals"],
         "state": state,
         "connected": state in ("alive", "suspect"),
-        "last_seen": NOW - 12,
-        "connected_since": NOW - 3600,
+        "last_seen": now - 12,
+        "connected_since": now - 3600,
         "details": {"hostname": hostname, "ram_total": 4 * 2**30, "os": "Debian 12"},
-        "vitals": vitals(NOW - 1),
+        "vitals": vitals(now - 1),
         "action_errors": {},
     }
     doc.update(extra)
@@ -267,7 +268,8 @@ def test_refresh_follows_more_pages_of_history():
 
 
 def test_refresh_drops_points_outside_the_window_and_gone_nodes():
-    points = [vitals(NOW - 100 + k) for k in range(100)]
+    now = time.time()
+    points = [vitals(now - 100 + k) for k in range(100)]
     nodes = [node("n0", "pi-0", vitals=points[-1]), node("n1", "pi-1", vitals=points[-1])]
     fake = FakeMaster(nodes, {"n0": points, "n1": points})
     state = ClusterState(30)

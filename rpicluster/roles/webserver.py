@@ -83,7 +83,8 @@ class WebserverSlaveThread(RpiBasicSlaveThread):
             if self.web.server is not None or self.stopping.is_set():
                 return
             now = time.monotonic()
-            if self._bind_failed_at is not None and now - self._bind_failed_at < self.retry_bind_after:
+            failed_at = self._bind_failed_at
+            if failed_at is not None and now - failed_at < self.retry_bind_after:
                 return
             try:
                 self.web.start()

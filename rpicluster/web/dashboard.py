@@ -76,12 +76,12 @@ tr.dead td,tr.left td{color:var(--muted)}
 svg.plot,svg.bigplot{display:block;overflow:visible}
 svg .frame{fill:var(--head);stroke:var(--line);stroke-width:1}
 svg .grid{stroke:var(--line);stroke-width:1;stroke-dasharray:2 3}
-svg .label,svg .nodata{fill:var(--muted);font-size:10px}
+svg .label,svg .nodata{fill:var(--muted);font-size:11px}
 td.spark{padding:4px 8px}
-.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:14px}
+.plots{display:flex;flex-wrap:wrap;gap:14px}
 .plots figure{margin:0;padding:10px 12px;background:var(--card);border:1px solid var(--line);
 border-radius:8px}.plots figcaption{font-weight:600;margin-bottom:6px}
-.plots svg{width:100%;height:auto}
+.plots svg{max-width:100%;height:auto}
 .facts{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:0 24px;
 padding:10px 14px}
 .facts div{display:flex;justify-content:space-between;gap:12px;padding:5px 0;
@@ -99,6 +99,11 @@ def _e(value: Any) -> str:
 
 def node_href(node_id: str) -> str:
     return "/nodes/" + quote(node_id, safe="")
+
+
+def short_id(node_id: str) -> str:
+    """The first 8 characters of a long node id (the full id is in the tooltip and URL)."""
+    return node_id if len(node_id) <= 12 else node_id[:8] + "\u2026"
 
 
 def state_badge(state: Any) -> str:
@@ -160,7 +165,7 @@ def _y_range(key: str, fixed: Optional[tuple], values: Any) -> tuple[float, floa
     return auto_range(values, 10.0)
 
 
-MIN_PLOT_SPAN = 60.0
+MIN_PLOT_SPAN = 10.0
 
 
 def plot_span(snap: Snapshot, window: float, now: float) -> float:
@@ -262,7 +267,7 @@ def _node_row(snap: Snapshot, node: Mapping[str, Any], now: float, window: float
     loads = tuple(vital(v, k) for k in ("load_1", "load_5", "load_15"))
     cells = [
         f'<td><a class="host" href="{_e(node_href(node_id))}">{_e(hostname)}</a>'
-        f'<span class="id">{_e(node_id)}</span></td>',
+        f'<span class="id" title="{_e(node_id)}">{_e(short_id(node_id))}</span></td>',
         f"<td>{_roles(node)}</td>",
         f"<td>{state_badge(state)}</td>",
         f'<td class="seen">{_e(humanize.ago(number(node.get("last_seen")), now))}</td>',
@@ -324,7 +329,10 @@ def render_dashboard(
 
 
 def _fact(name: str, value: Any) -> str:
-    if isinstance(value, (dict, list)):
+    name = name.replace("_", " ")
+    if isinstance(value, bool):
+        value = "yes" if value else "no"
+    elif isinstance(value, (dict, list)):
         value = json.dumps(value, sort_keys=True)
     elif value is None:
         value = humanize.DASH
@@ -381,7 +389,7 @@ def render_node(
         plot_span(snap, history_window, now),
         now,
         DETAIL_PLOTS,
-        width=640,
+        width=440,
         height=170,
         axes=True,
         css_class="bigplot",
