@@ -200,16 +200,18 @@ def _number(value: Any, fmt: str) -> str:
 def format_table(state: dict[str, Any], now: Optional[float] = None) -> str:
     """The cluster as a readable table, one row per node."""
     now = time.time() if now is None else now
-    header = ("HOSTNAME", "ROLES", "STATE", "LAST SEEN", "CPU %", "TEMP C")
+    header = ("HOSTNAME", "NODE", "ROLES", "STATE", "LAST SEEN", "CPU %", "TEMP C")
     rows = [header]
-    for node in sorted(state.get("nodes", []), key=lambda n: str(n.get("hostname", ""))):
+    nodes = state.get("nodes", [])
+    for node in sorted(nodes, key=lambda n: (str(n.get("hostname")), str(n.get("node_id")))):
         vitals = node.get("vitals") or {}
         state_word = str(node.get("state", "?"))
         if node.get("connected") is False and state_word in ("alive", "suspect"):
             state_word += " (offline)"
         rows.append(
             (
-                str(node.get("hostname") or node.get("node_id", "?")),
+                str(node.get("hostname") or "?"),
+                str(node.get("node_id", "?"))[:8],  # tells apart nodes sharing a hostname
                 ",".join(str(r) for r in node.get("roles") or []) or "-",
                 state_word,
                 _ago(node.get("last_seen"), now),

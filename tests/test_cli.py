@@ -175,6 +175,7 @@ def test_table_formats_ages_missing_vitals_and_offline_nodes():
         "master": {"hostname": "rpi-master"},
         "nodes": [
             {
+                "node_id": "0b7c3d1e-7f4e-4f7a-9a39-3e9f2a1c5d11",
                 "hostname": "rpi-node-02",
                 "roles": ["basic"],
                 "state": "dead",
@@ -182,6 +183,7 @@ def test_table_formats_ages_missing_vitals_and_offline_nodes():
                 "vitals": None,
             },
             {
+                "node_id": "c0ffee00-1111-4222-8333-944455556666",
                 "hostname": "rpi-node-01",
                 "roles": ["basic", "vitals"],
                 "state": "alive",
@@ -195,6 +197,7 @@ def test_table_formats_ages_missing_vitals_and_offline_nodes():
     assert lines[0] == "master rpi-master: 2 node(s) (1 alive, 1 dead)"
     assert lines[2].split() == [
         "rpi-node-01",
+        "c0ffee00",
         "basic,vitals",
         "alive",
         "(offline)",
@@ -204,4 +207,14 @@ def test_table_formats_ages_missing_vitals_and_offline_nodes():
         "12.3",
         "48.0",
     ]
-    assert lines[3].split() == ["rpi-node-02", "basic", "dead", "7", "min", "ago", "-", "-"]
+    assert lines[3].split() == [
+        "rpi-node-02",
+        "0b7c3d1e",
+        "basic",
+        "dead",
+        "7",
+        "min",
+        "ago",
+        "-",
+        "-",
+    ]
