@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -212,7 +213,7 @@ def format_table(state: dict[str, Any], now: Optional[float] = None) -> str:
             (
                 str(node.get("hostname") or "?"),
                 str(node.get("node_id", "?"))[:8],  # tells apart nodes sharing a hostname
-                ",".join(str(r) for r in node.get("roles") or []) or "-",
+                ",".join(sorted(str(r) for r in node.get("roles") or [])) or "-",
                 state_word,
                 _ago(node.get("last_seen"), now),
                 _number(vitals.get("cpu_percent"), ".1f"),
@@ -295,6 +296,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     try:
         return int(args.run(args))
     except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:  # `rpicluster status --json | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
 
 

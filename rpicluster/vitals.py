@@ -60,10 +60,26 @@ def read_temperature(temp_path: Optional[str]) -> Optional[float]:
 class VitalsReader:
     """Takes readings; keeps what it found once (the thermal zone, the disk path)."""
 
+    MIN_CPU_WINDOW = 0.2
+
     def __init__(self, disk_path: str = "/", thermal_dir: str = THERMAL_DIR) -> None:
         self.disk_path = disk_path
         self.temp_path = find_thermal_zone(thermal_dir)
         psutil.cpu_percent(interval=None)  # start the CPU % window
+        self._cpu_window_start: Optional[float] = time.monotonic()
+
+    def cpu_percent(self) -> float:
+        """System-wide CPU % since the previous reading.
+
+        The first window (reader created, then read right after joining) lasts a
+        few milliseconds and says 0 % or 100 % by chance; it is stretched to
+        MIN_CPU_WINDOW seconds, once.
+        """
+        short = 0.0
+        if self._cpu_window_start is not None:
+            short = self.MIN_CPU_WINDOW - (time.monotonic() - self._cpu_window_start)
+            self._cpu_window_start = None
+        return psutil.cpu_percent(interval=short if short > 0 else None)
 
     def read(self) -> dict[str, Any]:
         """One reading: numbers, with ``temperature`` None where the board has no sensor."""
@@ -83,7 +99,7 @@ class VitalsReader:
         now = time.time()
         return {
             "ts": now,
-            "cpu_percent": psutil.cpu_percent(interval=None),
+            "cpu_percent": self.cpu_percent(),
             "cpu_freq_mhz": cpu_freq,
             "load_1": round(load1, 2),
             "load_5": round(load5, 2),

@@ -113,3 +113,21 @@ def test_disk_path_that_does_not_exist_gives_none(path):
         assert reading["disk_free"] > 0
     else:
         assert reading["disk_free"] is None and reading["disk_total"] is None
+
+
+def test_only_the_first_cpu_window_is_stretched(monkeypatch):
+    """Read right after joining, a window of milliseconds would say 0 % or 100 % by chance."""
+    windows: list = []
+    real = psutil.cpu_percent
+
+    def recording(interval=None):
+        windows.append(interval)
+        return real(interval=interval)
+
+    monkeypatch.setattr(psutil, "cpu_percent", recording)
+    reader = VitalsReader()
+    reader.read()
+    reader.read()
+    assert windows[0] is None  # starts the window
+    assert 0.1 < windows[1] <= VitalsReader.MIN_CPU_WINDOW
+    assert windows[2] is None  # later readings span the time since the previous one
