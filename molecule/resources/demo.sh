@@ -73,7 +73,11 @@ ensure_containers() {
     local host name state
     for host in "${HOSTS[@]}"; do
         name=$PREFIX$host
-        state=$(docker inspect -f '{{.State.Status}}' "$name" 2>/dev/null || echo missing)
+        if docker container inspect "$name" >/dev/null 2>&1; then
+            state=$(docker container inspect -f '{{.State.Status}}' "$name")
+        else
+            state=missing
+        fi
         case $state in
         running) ;;
         missing)
