@@ -192,3 +192,35 @@ def test_load_config_file_errors(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(str(binary))
+
+
+def readme_tables() -> dict[str, dict[str, str]]:
+    """``{section: {key: default}}`` from README.md's configuration reference."""
+    tables: dict[str, dict[str, str]] = {}
+    section = None
+    for line in (REPO / "README.md").read_text().splitlines():
+        header = re.match(r"^### `\[(\w+)\]`", line)
+        if header:
+            section = tables.setdefault(header.group(1), {})
+            continue
+        row = re.match(r"^\| `(\w+)` \| (`[^`]*`|\(required\)) \|", line)
+        if row and section is not None:
+            section[row.group(1)] = row.group(2).strip("`")
+    return tables
+
+
+def test_readme_reference_lists_every_key_with_the_example_default():
+    readme, example = readme_tables(), example_values()
+    assert set(readme) == {"cluster", "master", "slave", "webserver"}
+    for section, keys in readme.items():
+        assert set(keys) == set(example[section]), section
+        for key, default in keys.items():
+            if default != "(required)":
+                assert float_or_text(default) == float_or_text(example[section][key]), key
+
+
+def float_or_text(value: str):
+    try:
+        return float(value)
+    except ValueError:
+        return value.replace(" ", "")
