@@ -6,6 +6,7 @@ file, the section and the key, before anything starts.
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 import rpicluster
 from rpicluster.cli import format_table
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "cli-test-secret-0123456789"
@@ -218,3 +220,53 @@ def test_table_formats_ages_missing_vitals_and_offline_nodes():
         "-",
         "-",
     ]
+
+
+MASTER = f"""
+[cluster]
+secret = {SECRET}
+[master]
+socket_bind_ip = 127.0.0.1
+socket_port = {{port}}
+state_dir = {{state_dir}}
+"""
+
+
+def test_master_on_a_busy_port_fails_clearly(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        config = write(tmp_path, MASTER.replace("{port}", str(port)))
+        result = run("master", "--config", str(config))
+    assert result.returncode == 1
+    assert "rpicluster-master: cannot start:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_master_stops_on_sigterm_with_exit_0(tmp_path):
+    port_probe = socket.create_server(("127.0.0.1", 0))
+    port = port_probe.getsockname()[1]
+    port_probe.close()
+    config = write(tmp_path, MASTER.replace("{port}", str(port)))
+    master = subprocess.Popen(
+        [sys.executable, "-m", "rpicluster", "master", "--config", str(config)],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def listening() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(listening, what="master listening")
+        master.send_signal(signal.SIGTERM)
+        assert master.wait(10) == 0
+    finally:
+        if master.poll() is None:
+            master.kill()
+        master.communicate(timeout=5)
+    assert (tmp_path / "state" / "rpicluster.db").exists()

@@ -411,3 +411,34 @@ def test_status_with_the_wrong_secret_fails_clearly(master, tmp_path):
     assert result.returncode == 1
     assert "refused us: auth_failed" in result.stderr
     assert "secret" in result.stderr
+
+
+def test_cluster_state_follows_every_page(master, start_slave, cluster_secret):
+    slaves = [start_slave(master.port) for _ in range(3)]
+    for slave in slaves:
+        wait_for(lambda s=slave: node_state(master, s.node_id) == "alive", what="alive")
+    with MasterClient("127.0.0.1", master.port, cluster_secret) as client:
+        first = client.query("cluster", offset=0, limit=1)
+        paged = client.cluster_state(page_size=1)
+    assert len(first["nodes"]) == 1 and first["next_offset"] == 1 and first["total"] == 3
+    assert sorted(n["node_id"] for n in paged["nodes"]) == sorted(s.node_id for s in slaves)
+    assert paged["master"]["hostname"]
+
+
+def test_a_second_process_with_the_same_node_id_and_role_replaces_the_first(
+    master, start_slave, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO, logger="rpicluster.slave")
+    state_dir = str(tmp_path / "shared-state")  # same node_id file: a cloned SD card
+    first = start_slave(master.port, state_dir=state_dir, reconnect_cap=5)
+    wait_for(first.connected.is_set, what="first connected")
+    second = start_slave(master.port, state_dir=state_dir, reconnect_cap=5)
+    assert second.node_id == first.node_id
+    wait_for(
+        lambda: master.cluster_state()["master"]["counters"]["replaced_total"] >= 1,
+        what="the older connection replaced",
+    )
+    wait_for(lambda: not first.connected.is_set(), what="the first slave dropped")
+    assert second.connected.is_set()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("master reports error replaced" in m for m in messages), messages
