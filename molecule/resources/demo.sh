@@ -28,6 +28,8 @@ INVENTORY=$ROOT/inventory/demo
 HOSTS=(rpi-master rpi-node-01 rpi-node-02 rpi-node-03)
 SSH_WAIT_SECONDS=60
 WEB_PORT=8123
+# Where the roles install the CLI (rpicluster_install_dir in the roles' defaults).
+CLI=/opt/rpicluster/venv/bin/rpicluster
 
 log() { echo "demo: $*" >&2; }
 die() {
@@ -187,7 +189,7 @@ show_status() {
     web_ip=$(container_ip rpi-node-02)
     echo
     echo "Cluster status (rpicluster status on rpi-master, $master_ip):"
-    ssh_pi "$master_ip" sudo rpicluster status || die "rpicluster status failed on rpi-master"
+    ssh_pi "$master_ip" sudo "$CLI" status || die "rpicluster status failed on rpi-master"
     echo
     echo "Dashboard: http://$web_ip:$WEB_PORT/   (metrics: http://$web_ip:$WEB_PORT/metrics)"
     echo "Log in to a Pi: ssh -i $KEY -o UserKnownHostsFile=$KNOWN_HOSTS pi@$master_ip"
