@@ -14,6 +14,7 @@ not one marked dead.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import statistics
@@ -39,7 +40,7 @@ MB = 1024 * 1024
 
 def counts(port: int) -> dict[str, int]:
     """Node counts by state from one small ``cluster`` page (limit 1)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         p.client_handshake(sock, SECRET, kind=p.KIND_CLIENT, node_id="bench-poll", role="-")
         p.send_frame(sock, p.make(p.QUERY, id=1, what="cluster", limit=1))
         reply = p.recv_message(sock)
@@ -52,11 +53,14 @@ def main(argv: Any = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="heartbeat interval, s (1)")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds (20)")
     parser.add_argument("--processes", type=int, default=3, help="slave processes (3)")
-    parser.add_argument("--ramp", type=float, default=5.0, help="connect spread, s (5)")
+    parser.add_argument(
+        "--ramp", type=float, default=15.0, help="first connects spread over, s (15)"
+    )
     parser.add_argument("--no-append", action="store_true", help="do not write results.md")
     args = parser.parse_args(argv)
 
     raise_nofile(4096)
+    load_before = os.getloadavg()[0]
     state_dir = temp_state_dir()
     port = free_port()
     config = write_config(state_dir, port, heartbeat_interval=args.interval)
@@ -78,6 +82,7 @@ def main(argv: Any = None) -> int:
                 break
             time.sleep(0.25)
         join_cpu = (master.cpu_seconds() - cpu0) / (time.monotonic() - t0) * 100
+        join_fleet = fleet.cpu_seconds() / (time.monotonic() - t0) * 100
         if registered_after is None:
             print(f"only {state} after 60 s; measuring anyway")
         time.sleep(2.0)  # settle: every slave has sent a few heartbeats
@@ -103,10 +108,13 @@ def main(argv: Any = None) -> int:
     expected = args.slaves * args.duration / args.interval
     lines += [
         f"slaves: {args.slaves} in {args.processes} processes, heartbeat every {args.interval:g} s,"
-        f" measured {args.duration:g} s",
+        f" measured {args.duration:g} s; machine load average before/after:"
+        f" {load_before:.1f}/{os.getloadavg()[0]:.1f} (other sessions share these 2 cores)",
         f"master CPU: {cpu_pct:.1f} % of one core while steady"
-        f" ({join_cpu:.1f} % while {args.slaves} joined); slave processes {fleet_pct:.1f} %",
-        f"master RSS: max {rss_max / MB:.1f} MB, median {statistics.median(rss_samples) / MB:.1f} MB",
+        f" ({join_cpu:.1f} % while {args.slaves} joined); slave processes {fleet_pct:.1f} %"
+        f" ({join_fleet:.1f} % while joining)",
+        f"master RSS: max {rss_max / MB:.1f} MB,"
+        f" median {statistics.median(rss_samples) / MB:.1f} MB while steady",
         f"heartbeat round trip: p50 {percentile(rtts_ms, 50):.2f} ms,"
         f" p99 {percentile(rtts_ms, 99):.2f} ms, max {max(rtts_ms, default=float('nan')):.1f} ms"
         f" over {len(rtts_ms)} acks ({len(rtts_ms) / expected * 100:.1f} % of {expected:.0f}"

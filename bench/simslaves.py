@@ -110,7 +110,8 @@ class MasterProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"master exited with {self.proc.returncode}; see {self.log_path}")
+                code = self.proc.returncode
+                raise RuntimeError(f"master exited with {code}; see {self.log_path}")
             try:
                 with socket.create_connection((HOST, self.port), timeout=0.5):
                     return time.monotonic()
@@ -190,13 +191,14 @@ class SimSlave(asyncio.Protocol):
             self._retry()
 
     def _retry(self) -> None:
-        if not self.worker.stopping:
+        if not self.worker.stopping and not self.worker.loop.is_closed():
             self.worker.loop.call_later(self.backoff.next_delay(), self.connect)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.decoder = p.FrameDecoder()
+        self.worker.connects.append(time.monotonic())
 
     def data_received(self, data: bytes) -> None:
         for body in self.decoder.feed(data):
@@ -246,7 +248,7 @@ class SimSlave(asyncio.Protocol):
         self._retry()
 
     def heartbeat(self, now: float) -> None:
-        if not self.registered or self.transport is None:
+        if not self.registered or self.transport is None or self.transport.is_closing():
             return
         if self.awaiting and self.worker.measuring:
             self.worker.late += 1  # the previous heartbeat was never acked
@@ -283,6 +285,7 @@ class Worker:
         self.measuring = False
         self.rtts: list[float] = []
         self.registrations: list[float] = []
+        self.connects: list[float] = []  # TCP connections established
         self.connect_failures = 0
         self.disconnects = 0
         self.goodbyes = 0
@@ -328,6 +331,7 @@ class Worker:
         return {
             "rtts": self.rtts,
             "registrations": self.registrations,
+            "connects": self.connects,
             "registered": sum(1 for s in self.slaves if s.registered),
             "connect_failures": self.connect_failures,
             "disconnects": self.disconnects,
@@ -400,6 +404,7 @@ class Fleet:
         merged: dict[str, Any] = {
             "rtts": [],
             "registrations": [],
+            "connects": [],
             "registered": 0,
             "connect_failures": 0,
             "disconnects": 0,
