@@ -267,13 +267,16 @@ def test_a_slow_perform_action_keeps_the_node_alive(master, start_slave):
     slave = start_slave(master.port, role="tests.test_integration:Slow")
     wait_for(slave.entered.is_set, what="perform_action entered")
     window = 3 * master.config.cluster.dead_after
-    states = set()
+    states = []
     deadline = time.monotonic() + window
     while time.monotonic() < deadline:  # observing a window is the point of this test
-        states.add(node_state(master, slave.node_id))
+        states.append(node_state(master, slave.node_id))
         time.sleep(0.02)
     slave.release.set()
-    assert states == {"alive"}
+    # Were heartbeats tied to perform_action(), the node would be dead within dead_after.
+    # (A momentary "suspect" on a machine stalled by other work is not what this tests.)
+    assert "dead" not in states and states[-1] == "alive", states
+    assert states.count("alive") >= 0.8 * len(states), states
     assert slave.connections == 1
 
 

@@ -206,7 +206,7 @@ def test_silent_master_is_declared_lost_and_the_slave_reconnects(scripted, make_
     started = time.monotonic()
     wait_for(lambda: not slave.connected.is_set(), timeout=3, what="master declared lost")
     lost_after = time.monotonic() - started
-    assert 0.2 <= lost_after < 1.0, lost_after
+    assert 0.2 <= lost_after < 1.5, lost_after
     scripted.silent.clear()
     wait_for(lambda: slave.connections >= 2, timeout=3, what="reconnection")
 
