@@ -143,8 +143,8 @@ def test_ago_and_size():
 
 
 def test_buckets_average_and_skip_out_of_window_and_nan():
-    ts = [0.5, 1.5, 1.6, 5.0, 99.0, 3.2]
-    values = [10.0, 20.0, 40.0, 7.0, 1000.0, math.nan]
+    ts = [0.5, 1.5, 1.6, 3.2, 5.0, 99.0]
+    values = [10.0, 20.0, 40.0, math.nan, 7.0, 1000.0]
     means = svg.buckets(ts, values, 0.0, 10.0, 5)
     assert means[0] == pytest.approx((10 + 20 + 40) / 3)
     assert means[1] is None  # the NaN at 3.2 is not a value
@@ -203,6 +203,23 @@ def test_plot_shows_a_dead_period_as_a_gap():
         height=40,
     )
     assert text.count("<polyline") == 2
+
+
+def test_plot_transform_and_y_range_function():
+    ts = [NOW - 50 + i for i in range(50)]
+    avail = [3.0 * 2**30] * 50
+    text = svg.plot(
+        ts,
+        avail,
+        start=NOW - 50,
+        end=NOW,
+        y_range=lambda finite: (0.0, max(finite) * 2),
+        title="RAM used",
+        color="#000",
+        fmt=humanize.percent,
+        transform=lambda a: 100.0 * (1 - a / (4.0 * 2**30)),
+    )
+    assert "last 25 %" in text
 
 
 def test_auto_range():

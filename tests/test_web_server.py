@@ -6,6 +6,7 @@ threads) and stops by itself.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -222,6 +223,16 @@ def test_dashboard_and_node_pages_show_every_node_with_plots(cluster):
         node_page = body.decode()
         assert slave.node_id in node_page and node_page.count('class="bigplot"') == 5
         assert "<polyline" in node_page or "<circle" in node_page
+
+
+def test_large_pages_are_gzipped_for_clients_that_accept_it(cluster):
+    request = urllib.request.Request(cluster.base + "/", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.headers["Content-Encoding"] == "gzip"
+        page = gzip.decompress(response.read()).decode()
+    assert all(f'data-node-id="{s.node_id}"' in page for s in cluster.slaves)
+    status, headers, _ = fetch(cluster.base, "/")  # urllib sends no Accept-Encoding
+    assert status == 200 and "Content-Encoding" not in headers
 
 
 def test_unknown_paths_and_node_ids_get_404(cluster):

@@ -18,8 +18,9 @@ from urllib.parse import quote
 
 import rpicluster
 from rpicluster.web import humanize
-from rpicluster.web.state import History, Snapshot, number, ram_total, vital
+from rpicluster.web.state import Snapshot, number, ram_total, vital
 from rpicluster.web.svg import auto_range, plot
+from rpicluster.web.svg import bucket_count as svg_bucket_count
 
 STATE_SYMBOLS = {"alive": "\u25cf", "suspect": "\u25b2", "dead": "\u2716", "left": "\u25cb"}
 COLORS = {
@@ -130,39 +131,31 @@ def refresh_seconds(refresh_interval: float) -> int:
 # ------------------------------------------------------------------ plot data
 
 
-def _ram_used_percent(history: History, node: Mapping[str, Any]) -> array:
-    """RAM in use, in % of the node's RAM, per history point (NaN when unknown)."""
-    fallback = ram_total(node) or math.nan
-    out = array("d")
-    for avail, total in zip(history.column("ram_available"), history.column("ram_total")):
-        size = total if total > 0 else fallback
-        out.append(100.0 * (1.0 - avail / size) if size > 0 else math.nan)
-    return out
+def _disk_range(finite: list[float]) -> tuple[float, float]:
+    top = max(finite) * 1.1 if finite and max(finite) > 0 else 1.0
+    return 0.0, top
 
 
-PlotSpec = tuple[str, str, Callable[[History, Mapping[str, Any]], Any], Optional[tuple], Callable]
+def _used_percent(node: Mapping[str, Any]) -> Optional[Callable[[float], float]]:
+    """Maps RAM available (bytes) to RAM used (% of the node's RAM), if its size is known."""
+    total = ram_total(node)
+    if not total or total <= 0:
+        return None
+    return lambda available: 100.0 * (1.0 - available / total)
 
-# (key, caption, values of a history, fixed y range or None for auto, formatter)
+
+# (key, caption, history column, y range: fixed or from the plotted means, formatter)
+PlotSpec = tuple[str, str, str, Any, Callable[[float], str]]
+
 PLOTS: tuple[PlotSpec, ...] = (
-    ("cpu", "CPU %", lambda h, n: h.column("cpu_percent"), (0.0, 100.0), humanize.percent),
-    ("temp", "Temperature", lambda h, n: h.column("temperature"), None, humanize.temperature),
-    ("ram", "RAM used", _ram_used_percent, (0.0, 100.0), humanize.percent),
+    ("cpu", "CPU %", "cpu_percent", (0.0, 100.0), humanize.percent),
+    ("temp", "Temperature", "temperature", auto_range, humanize.temperature),
+    ("ram", "RAM used", "ram_available", (0.0, 100.0), humanize.percent),
 )
 DETAIL_PLOTS: tuple[PlotSpec, ...] = PLOTS + (
-    ("load", "Load (1 min)", lambda h, n: h.column("load_1"), None, lambda v: f"{v:.2f}"),
-    ("disk", "Disk free", lambda h, n: h.column("disk_free"), None, humanize.size),
+    ("load", "Load (1 min)", "load_1", lambda f: auto_range(f, 1.0), lambda v: f"{v:.2f}"),
+    ("disk", "Disk free", "disk_free", _disk_range, humanize.size),
 )
-
-
-def _y_range(key: str, fixed: Optional[tuple], values: Any) -> tuple[float, float]:
-    if fixed is not None:
-        return fixed
-    if key == "load":
-        return auto_range(values, 1.0)
-    if key == "disk":
-        finite = [v for v in values if math.isfinite(v)]
-        return 0.0, (max(finite) * 1.1 if finite and max(finite) > 0 else 1.0)
-    return auto_range(values, 10.0)
 
 
 MIN_PLOT_SPAN = 10.0
@@ -177,7 +170,11 @@ def plot_span(snap: Snapshot, window: float, now: float) -> float:
     starts = [h.ts[0] for h in snap.history.values() if len(h)]
     if not starts:
         return window
-    return min(window, max(now - min(starts), min(MIN_PLOT_SPAN, window)))
+    held = now - min(starts)
+    # Rounded up (10 s steps, then whole minutes) so the span, and with it every
+    # cached plot, does not change from one second to the next.
+    step = 10.0 if held < 300 else 60.0
+    return min(window, max(math.ceil(held / step) * step, min(MIN_PLOT_SPAN, window)))
 
 
 def span_text(seconds: float) -> str:
@@ -195,20 +192,38 @@ def node_plots(
     """(key, caption, svg) for each plot of one node over [now - window, now]."""
     history = snap.node_history(str(node.get("node_id")))
     span = span_text(window)
+    width = size.get("width", 120)
+    height = size.get("height", 34)
+    axes = size.get("axes", False)
+    # End the time axis on a bucket boundary: the averages then do not shift between
+    # two page loads, and a plot is drawn once per new bucket or new history point.
+    bucket = window / svg_bucket_count(width, axes)
+    end = math.ceil(now / bucket) * bucket
     out = []
-    for key, caption, values_of, fixed, fmt in specs:
-        values = values_of(history, node)
-        svg = plot(
-            history.ts,
-            values,
-            start=now - window,
-            end=now,
-            y_range=_y_range(key, fixed, values),
-            title=f"{caption} over the last {span}",
-            color=COLORS[key],
-            fmt=fmt,
-            **size,
-        )
+    for key, caption, column, y_range, fmt in specs:
+        transform = _used_percent(node) if key == "ram" else None
+
+        def draw(
+            key=key, caption=caption, column=column, y_range=y_range, fmt=fmt, transform=transform
+        ) -> str:
+            values = history.column(column)
+            if key == "ram" and transform is None:
+                values = array("d")  # RAM size unknown: no percentage to draw
+            return plot(
+                history.ts,
+                values,
+                start=end - window,
+                end=end,
+                y_range=y_range,
+                title=f"{caption} over the last {span}",
+                color=COLORS[key],
+                fmt=fmt,
+                transform=transform,
+                **size,
+            )
+
+        extra = ram_total(node) if key == "ram" else None
+        svg = history.cached(("svg", key, end, window, width, height, axes, extra), draw)
         out.append((key, caption, svg))
     return out
 

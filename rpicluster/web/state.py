@@ -90,11 +90,26 @@ class History:
     when nothing changes). Unknown values are NaN.
     """
 
-    __slots__ = ("ts", "columns")
+    __slots__ = ("ts", "columns", "cache")
 
     def __init__(self, ts: array, columns: dict[str, array]) -> None:
         self.ts = ts
         self.columns = columns
+        # What the pages derive from this history (plots, computed columns): valid as
+        # long as this object lives, since it never changes. Bounded by cached().
+        self.cache: dict[Any, Any] = {}
+
+    def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per ``key`` for this history (a few dozen keys at most)."""
+        try:
+            return self.cache[key]
+        except KeyError:
+            pass
+        value = compute()
+        if len(self.cache) >= 64:
+            self.cache.clear()
+        self.cache[key] = value
+        return value
 
     @classmethod
     def empty(cls) -> History:

@@ -7,36 +7,78 @@ readings are missing (a dead node shows as a gap, not as a straight line).
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from html import escape
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 Formatter = Callable[[float], str]
+YRange = Union[tuple[float, float], Callable[[list[float]], tuple[float, float]]]
 
 
 def _median_step(ts: Sequence[float]) -> float:
-    steps = sorted(b - a for a, b in zip(ts, ts[1:]) if b > a)
+    """The usual time between two readings (from the latest 64, enough and cheap)."""
+    tail = ts[-65:]
+    steps = sorted(b - a for a, b in zip(tail, tail[1:]) if b > a)
     return steps[len(steps) // 2] if steps else 0.0
+
+
+def _c(value: float) -> str:
+    """A coordinate with at most one decimal and no trailing zeros ("25", "25.3")."""
+    text = f"{value:.1f}"
+    return text[:-2] if text.endswith(".0") else text
+
+
+_X_COORDINATES: dict[tuple[int, int, int], list[str]] = {}
+
+
+def _x_coordinates(left: int, inner_w: int, count: int) -> list[str]:
+    """The x of each bucket's centre, as text; the same for every plot of a size."""
+    key = (left, inner_w, count)
+    xs = _X_COORDINATES.get(key)
+    if xs is None:
+        xs = _X_COORDINATES[key] = [_c(left + (i + 0.5) * inner_w / count) for i in range(count)]
+    return xs
+
+
+def bucket_count(width: int, axes: bool) -> int:
+    """How many time buckets a plot of ``width`` pixels draws (one per 2 or 3 pixels)."""
+    left, right = (44, 8) if axes else (1, 1)
+    return max(max(width - left - right, 1) // (3 if axes else 2), 1)
 
 
 def buckets(
     ts: Sequence[float], values: Sequence[float], start: float, end: float, count: int
 ) -> list[Optional[float]]:
-    """Mean of the finite values in each of ``count`` equal time buckets (None when empty)."""
-    sums = [0.0] * count
-    ns = [0] * count
-    span = end - start
-    if span <= 0 or count <= 0:
+    """Mean of the finite values in each of ``count`` equal time buckets (None when empty).
+
+    ``ts`` must be ascending (a History is): each bucket is found by bisection and
+    summed in C, so a plot costs about ``count`` steps however many points it covers.
+    """
+    if end <= start or count <= 0:
         return [None] * max(count, 0)
-    scale = count / span
-    for when, value in zip(ts, values):
-        if when < start or when > end or not math.isfinite(value):
+    width = (end - start) / count
+    out: list[Optional[float]] = []
+    lo = bisect.bisect_left(ts, start)
+    for i in range(count):
+        hi = (
+            bisect.bisect_left(ts, start + (i + 1) * width, lo)
+            if i < count - 1
+            else (bisect.bisect_right(ts, end, lo))
+        )
+        if hi <= lo:
+            out.append(None)
             continue
-        i = min(int((when - start) * scale), count - 1)
-        sums[i] += value
-        ns[i] += 1
-    return [s / n if n else None for s, n in zip(sums, ns)]
+        chunk = values[lo:hi]
+        total = sum(chunk)
+        if math.isfinite(total):
+            out.append(total / (hi - lo))
+        else:  # some readings unknown (NaN): average the known ones
+            known = [v for v in chunk if math.isfinite(v)]
+            out.append(sum(known) / len(known) if known else None)
+        lo = hi
+    return out
 
 
 def segments(means: Sequence[Optional[float]], max_gap: int) -> list[list[tuple[int, float]]]:
@@ -71,7 +113,7 @@ def plot(
     *,
     start: float,
     end: float,
-    y_range: tuple[float, float],
+    y_range: YRange,
     title: str,
     color: str,
     fmt: Formatter,
@@ -79,31 +121,36 @@ def plot(
     height: int = 34,
     axes: bool = False,
     css_class: str = "plot",
+    transform: Optional[Callable[[float], float]] = None,
 ) -> str:
     """One SVG line plot of ``values`` at epochs ``ts`` over [start, end].
 
     Small plots (``axes=False``) are sparklines for the table; large ones get y
     labels and a time axis. ``title`` becomes the SVG's accessible name and tooltip.
+    ``y_range`` is fixed (lo, hi) or a function of the plotted bucket means;
+    ``transform`` maps each bucket mean (e.g. RAM available to % used), which is
+    exact for linear maps and far cheaper than mapping every reading.
     """
     left, bottom, top, right = (44, 18, 8, 8) if axes else (1, 1, 2, 1)
     inner_w = max(width - left - right, 1)
     inner_h = max(height - top - bottom, 1)
-    count = max(inner_w // (3 if axes else 2), 1)
+    count = bucket_count(width, axes)
     means = buckets(ts, values, start, end, count)
+    if transform is not None:
+        means = [None if m is None else transform(m) for m in means]
+    finite = [v for v in means if v is not None]
     bucket_seconds = (end - start) / count if end > start else 1.0
     max_gap = max(2, math.ceil(3 * _median_step(ts) / bucket_seconds)) if bucket_seconds else 2
     runs = segments(means, max_gap)
-    lo, hi = y_range
+    lo, hi = y_range(finite) if callable(y_range) else y_range
     span = (hi - lo) or 1.0
+    xs = _x_coordinates(left, inner_w, count)
+    scale = inner_h / span
+    bottom_y = top + inner_h
 
-    def x(i: int) -> float:
-        return left + (i + 0.5) * inner_w / count
+    def y(value: float) -> str:
+        return _c(bottom_y - (min(max(value, lo), hi) - lo) * scale)
 
-    def y(value: float) -> float:
-        clamped = min(max(value, lo), hi)
-        return top + inner_h - (clamped - lo) / span * inner_h
-
-    finite = [v for v in means if v is not None]
     summary = f"{title}: no data"
     if finite:
         summary = f"{title}: last {fmt(finite[-1])}, min {fmt(min(finite))}, max {fmt(max(finite))}"
@@ -140,10 +187,10 @@ def plot(
     for run in runs:
         if len(run) == 1:
             i, v = run[0]
-            parts.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="1.6" fill="{color}"/>')
+            parts.append(f'<circle cx="{xs[i]}" cy="{y(v)}" r="1.6" fill="{color}"/>')
             continue
-        line = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in run)
-        area = f"{x(run[0][0]):.1f},{base} {line} {x(run[-1][0]):.1f},{base}"
+        line = " ".join([f"{xs[i]},{y(v)}" for i, v in run])
+        area = f"{xs[run[0][0]]},{base} {line} {xs[run[-1][0]]},{base}"
         parts.append(
             f'<polygon points="{area}" fill="{color}" fill-opacity="0.15"/>'
             f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.5"'
