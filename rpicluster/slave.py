@@ -36,6 +36,8 @@ from rpicluster.nodeinfo import node_details
 
 logger = logging.getLogger(__name__)
 
+MAX_ROLE_LENGTH = 200  # what the master accepts in hello (docs/protocol.md)
+
 # Messages a slave may send with send(); the handshake and queries have their own paths.
 _SENDABLE = (protocol.VITALS, protocol.ACTION_ERROR, protocol.GOODBYE, protocol.HEARTBEAT)
 
@@ -198,6 +200,11 @@ class RpiBasicSlaveThread(threading.Thread):
         if heartbeat_interval <= 0:
             raise ValueError(f"heartbeat_interval must be positive, got {heartbeat_interval}")
         role = self.role_name()
+        if not (0 < len(role) <= MAX_ROLE_LENGTH and role.isprintable() and role == role.strip()):
+            raise ValueError(
+                f"{type(self).__name__}.role {role[:40]!r} must be 1..{MAX_ROLE_LENGTH}"
+                " printable characters without surrounding spaces"
+            )
         super().__init__(name=name or f"slave-{role}", daemon=True)
         self.server_address = (master_ip, int(socket_port))
         self.secret = secret

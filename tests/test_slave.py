@@ -317,6 +317,14 @@ class Custom(RpiBasicSlaveThread):
     pass
 
 
+def test_a_role_name_the_master_would_refuse_is_refused_at_once():
+    class Blank(RpiBasicSlaveThread):
+        role = "  padded "
+
+    with pytest.raises(ValueError, match="Blank.role '  padded ' must be 1..200 printable"):
+        Blank("127.0.0.1", 9, secret=SECRET, node_id="n")
+
+
 def test_role_name_is_the_class_path_unless_set():
     assert RpiBasicSlaveThread.role_name() == "basic"
     assert Custom.role_name() == f"{__name__}:Custom"
