@@ -1,0 +1,308 @@
+"""The ``webserver`` slave with 100 nodes in the registry: its RSS, CPU and page times.
+
+Everything runs on 127.0.0.1. The master runs as a subprocess
+(:class:`bench.simslaves.MasterProcess`). The 100 nodes are simulated here with
+real protocol connections (challenge, HMAC hello, heartbeats every second and a
+vitals reading every 5 s per node, like the ``vitals`` role's defaults); before
+the webserver starts, each node sends one hour of past vitals (720 readings), so
+the webserver holds a full history window, as on a fleet that has run for an hour.
+
+The webserver is ``rpicluster-slave`` with ``roles = webserver`` in a Pi-like
+Python (plain sys.path, as the wheel runs on a Pi; see bench.slave_footprint),
+default ``refresh_interval`` (2 s) and ``history_window`` (1 h). Measured:
+
+- RSS once the full history is loaded, and peak RSS after the page requests;
+- CPU in % of one core over an idle window (refreshes only, no page views);
+- each page's time as a client on 127.0.0.1 sees it over a kept-alive connection
+  (request sent to last byte read: the server's render and send time plus a
+  loopback round trip), median and p95, both freshly rendered (the first request
+  in a new second) and from the server's per-second page cache (the next one).
+
+    python -m bench.webserver --nodes 100 --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import http.client
+import json
+import math
+import random
+import select
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.report import append
+from bench.simslaves import HOST, SECRET, MasterProcess, free_port, percentile, write_config
+from bench.slave_footprint import CONSOLE_SCRIPT, pi_like_python
+from rpicluster import protocol as p
+
+VITALS_INTERVAL = 5.0
+HISTORY_SECONDS = 3600.0
+PAGES = ("/", "/nodes/{node}", "/api/nodes", "/api/nodes/{node}", "/metrics", "/healthz")
+
+
+def fake_vitals(ts: float, rng: random.Random, i: int) -> dict[str, Any]:
+    """A plausible Raspberry Pi 4 reading (numbers only vary; shapes are the real ones)."""
+    cpu = max(0.0, min(100.0, 15 + 10 * ((i * 7) % 5) + rng.gauss(0, 8)))
+    return {
+        "ts": round(ts, 3),
+        "cpu_percent": round(cpu, 1),
+        "cpu_freq_mhz": 1500.0,
+        "load_1": round(cpu / 25, 2),
+        "load_5": round(cpu / 30, 2),
+        "load_15": round(cpu / 35, 2),
+        "ram_available": int(2.5 * 2**30 + rng.gauss(0, 50) * 2**20),
+        "ram_total": 4 * 2**30,
+        "swap_free": 100 * 2**20,
+        "disk_free": 20 * 2**30 - i * 2**28,
+        "disk_total": 32 * 2**30,
+        "uptime": round(ts - 1_700_000_000, 1),
+        "temperature": round(45 + cpu / 5 + rng.gauss(0, 1), 1),
+    }
+
+
+class SimFleet:
+    """``count`` nodes with one ``vitals`` connection each, driven by one thread."""
+
+    def __init__(self, port: int, count: int) -> None:
+        self.port = port
+        self.rng = random.Random(42)
+        self.socks: list[socket.socket] = []
+        self.ids = [f"sim-{i:03d}" for i in range(count)]
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sim-fleet", daemon=True)
+        self.lock = threading.Lock()
+
+    def connect(self) -> None:
+        for i, node_id in enumerate(self.ids):
+            sock = socket.create_connection((HOST, self.port), timeout=10)
+            details = {
+                "hostname": f"rpi-node-{i:03d}",
+                "ram_total": 4 * 2**30,
+                "cpu_model": "Cortex-A72",
+                "cpu_cores": 4,
+                "os": "Debian GNU/Linux 12 (bookworm)",
+                "kernel": "6.1.0-rpi7-rpi-v8",
+                "architecture": "aarch64",
+            }
+            p.client_handshake(
+                sock, SECRET, kind=p.KIND_SLAVE, node_id=node_id, role="vitals", details=details
+            )
+            self.socks.append(sock)
+        self.thread.start()
+
+    def send(self, i: int, frame: bytes) -> None:
+        with self.lock:
+            self.socks[i].sendall(frame)
+
+    def preload(self, seconds: float) -> int:
+        """Send ``seconds`` of past vitals for every node, oldest first; return the count."""
+        now = time.time()
+        sent = 0
+        for i in range(len(self.socks)):
+            stamps = [now - seconds + k * VITALS_INTERVAL for k in range(int(seconds // 5))]
+            frames = b"".join(
+                p.make(p.VITALS, vitals=fake_vitals(ts, self.rng, i)) for ts in stamps
+            )
+            self.send(i, frames)
+            sent += len(stamps)
+        return sent
+
+    def _run(self) -> None:
+        """Heartbeats every second, vitals every 5 s at each node's phase; drain replies."""
+        seq = 0
+        start = time.monotonic()
+        count = len(self.socks)
+        last_vitals = [start - VITALS_INTERVAL * i / count for i in range(count)]
+        next_beat = start
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                seq += 1
+                beat = p.make(p.HEARTBEAT, seq=seq, sent_at=time.time())
+                for i in range(count):
+                    frame = beat
+                    if now - last_vitals[i] >= VITALS_INTERVAL:
+                        last_vitals[i] = now
+                        frame += p.make(p.VITALS, vitals=fake_vitals(time.time(), self.rng, i))
+                    self.send(i, frame)
+                next_beat += 1.0
+            readable, _, _ = select.select(self.socks, [], [], max(0.0, next_beat - now))
+            for sock in readable:
+                sock.recv(65536)  # acks: drained, not needed
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        for sock in self.socks:
+            sock.close()
+
+
+def get(conn: http.client.HTTPConnection, path: str) -> tuple[int, bytes, float]:
+    """One request as a browser or Prometheus makes it (gzip accepted); body as sent."""
+    start = time.perf_counter()
+    conn.request("GET", path, headers={"Accept-Encoding": "gzip"})
+    response = conn.getresponse()
+    body = response.read()
+    return response.status, body, time.perf_counter() - start
+
+
+def get_json(conn: http.client.HTTPConnection, path: str) -> tuple[int, Any]:
+    status, body, _ = get(conn, path)
+    if body[:2] == b"\x1f\x8b":
+        body = gzip.decompress(body)
+    return status, json.loads(body) if status == 200 else None
+
+
+def wait_loaded(web_port: int, sample: str, nodes: int, points: int, timeout: float) -> float:
+    """Until the webserver shows every node and the sample node's full history."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            conn = http.client.HTTPConnection(HOST, web_port, timeout=10)
+            status, doc = get_json(conn, "/api/nodes")
+            if status == 200 and len(doc["nodes"]) >= nodes:
+                status, doc = get_json(conn, f"/api/nodes/{sample}")
+                if status == 200 and len(doc["history"]) >= points:
+                    return time.monotonic() - start
+            conn.close()
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the webserver did not load {nodes} nodes and their history in {timeout:g} s")
+
+
+def measure(nodes: int, seconds: int, idle: float) -> list[str]:
+    workdir = Path(tempfile.mkdtemp(prefix="rpicluster-webbench-"))
+    port, web_port = free_port(), free_port()
+    master = MasterProcess(write_config(str(workdir), port), str(workdir / "master.log"), port)
+    web_cfg = workdir / "web.cfg"
+    web_cfg.write_text(
+        f"[cluster]\nsecret = {SECRET}\n"
+        f"[slave]\nmaster_ip = {HOST}\nsocket_port = {port}\nroles = webserver\n"
+        f"state_dir = {workdir / 'web-state'}\n"
+        f"[webserver]\nwebserver_host = {HOST}\nwebserver_port = {web_port}\n"
+    )
+    fleet = SimFleet(port, nodes)
+    web = None
+    try:
+        master.start()
+        fleet.connect()
+        started = time.monotonic()
+        preloaded = fleet.preload(HISTORY_SECONDS)
+        preload_s = time.monotonic() - started
+        with open(workdir / "web.log", "w") as log:
+            web = subprocess.Popen(
+                [pi_like_python(workdir), "-c", CONSOLE_SCRIPT, "--config", str(web_cfg)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        handle = psutil.Process(web.pid)
+        sample = fleet.ids[nodes // 2]
+        points = int(HISTORY_SECONDS // VITALS_INTERVAL) - 5
+        load_s = wait_loaded(web_port, sample, nodes + 1, points, timeout=180)
+        time.sleep(4.0)  # two more refreshes: steady state
+        rss_loaded = handle.memory_info().rss
+        cpu0, t0 = handle.cpu_times(), time.monotonic()
+        rss_idle = []
+        while time.monotonic() - t0 < idle:
+            rss_idle.append(handle.memory_info().rss)
+            time.sleep(1.0)
+        cpu1, elapsed = handle.cpu_times(), time.monotonic() - t0
+        idle_cpu = 100 * ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / elapsed
+        conn = http.client.HTTPConnection(HOST, web_port, timeout=30)
+        fresh: dict[str, list[float]] = {page: [] for page in PAGES}
+        repeat: dict[str, list[float]] = {page: [] for page in PAGES}
+        sizes: dict[str, int] = {}
+        plain: dict[str, int] = {}
+        for _ in range(seconds):
+            # Pages are cached per snapshot and second: the first request of a page in a
+            # new second renders it, the one right after is served from the cache.
+            time.sleep(math.ceil(time.time()) - time.time() + 0.02)
+            for page in PAGES:
+                path = page.format(node=sample)
+                for into in (fresh, repeat):
+                    status, body, took = get(conn, path)
+                    if status != 200:
+                        raise SystemExit(f"GET {path} answered {status}")
+                    into[page].append(took)
+                sizes[page] = len(body)
+                plain[page] = len(gzip.decompress(body)) if body[:2] == b"\x1f\x8b" else len(body)
+        conn.close()
+        rss_after = handle.memory_info().rss
+        threads = handle.num_threads()
+        alive = web.poll() is None
+    finally:
+        if web is not None and web.poll() is None:
+            web.terminate()
+            web.wait(10)
+        fleet.close()
+        master.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    if not alive:
+        raise SystemExit("the webserver process ended during the benchmark")
+    mib = 2**20
+    lines = [
+        f"registry: {nodes} simulated nodes (real protocol connections on {HOST}) plus the"
+        f" webserver's own; {preloaded} past vitals preloaded in {preload_s:.1f} s"
+        f" ({int(HISTORY_SECONDS // VITALS_INTERVAL)} per node = 1 h at 5 s), live vitals"
+        " every 5 s, heartbeats every 1 s",
+        "webserver: rpicluster-slave roles=webserver, Pi-like Python, refresh_interval 2 s,"
+        f" history_window 1 h; first full load of nodes and history took {load_s:.1f} s;"
+        f" {threads} threads",
+        f"webserver RSS with the full hour of history loaded: {rss_loaded / mib:.1f} MB;"
+        f" median over the {elapsed:.0f} s idle window {statistics.median(rss_idle) / mib:.1f} MB;"
+        f" after {2 * seconds * len(PAGES)} page requests {rss_after / mib:.1f} MB",
+        f"webserver CPU while idle (refreshes only): {idle_cpu:.2f} % of one core",
+    ]
+    lines.append(
+        f"page times over {seconds} s: each second, every page twice over one kept-alive"
+        " connection: the first request renders (fresh), the second is served from the"
+        " per-second cache; client-side time from request to last byte on 127.0.0.1,"
+        " gzip accepted as browsers and Prometheus do"
+    )
+    for page in PAGES:
+        first = [t * 1000 for t in fresh[page]]
+        again = [t * 1000 for t in repeat[page]]
+        lines.append(
+            f"GET {page} ({plain[page] / 1024:.0f} KiB, {sizes[page] / 1024:.0f} KiB sent):"
+            " fresh median"
+            f" {statistics.median(first):.1f} ms, p95 {percentile(first, 95):.1f} ms;"
+            f" cached median {statistics.median(again):.1f} ms, p95 {percentile(again, 95):.1f} ms"
+        )
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=100, help="simulated nodes (default 100)")
+    parser.add_argument(
+        "--seconds", type=int, default=30, help="seconds of page requests (2 per page per second)"
+    )
+    parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU window")
+    args = parser.parse_args()
+    if not 1 <= args.nodes <= 1000:
+        parser.error("--nodes must be 1-1000")
+    if not 5 <= args.seconds <= 600:
+        parser.error("--seconds must be 5-600")
+    if not 5 <= args.idle <= 600:
+        parser.error("--idle must be 5-600 seconds")
+    lines = measure(args.nodes, args.seconds, args.idle)
+    append(f"webserver: dashboard slave with {args.nodes} nodes in the registry", lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
