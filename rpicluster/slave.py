@@ -57,9 +57,13 @@ class _Link:
     role's ``send()``, ``stop()``'s goodbye) share one lock so frames never mix.
     """
 
-    def __init__(self, slave: RpiBasicSlaveThread, sock: socket.socket) -> None:
+    def __init__(
+        self, slave: RpiBasicSlaveThread, sock: socket.socket, interval: float, dead_after: float
+    ) -> None:
         self.slave = slave
         self.sock = sock
+        self.interval = interval
+        self.dead_after = dead_after
         self.send_lock = threading.Lock()
         self.closed = threading.Event()
         self.close_reason = ""
@@ -107,11 +111,11 @@ class _Link:
                 now = time.monotonic()
                 if now >= next_beat:
                     self._heartbeat(next(seq))
-                    next_beat = max(next_beat + slave.heartbeat_interval, now)
-                if now - self.last_heard > slave.dead_after:
+                    next_beat = max(next_beat + self.interval, now)
+                if now - self.last_heard > self.dead_after:
                     self.close(f"no word from the master for {now - self.last_heard:.1f} s")
                     break
-                timeout = min(next_beat, self.last_heard + slave.dead_after) - now
+                timeout = min(next_beat, self.last_heard + self.dead_after) - now
                 readable, _, _ = select.select([self.sock], [], [], max(timeout, 0.0))
                 if not readable:
                     continue
@@ -389,12 +393,13 @@ class RpiBasicSlaveThread(threading.Thread):
             sock.close()
             failures.log("handshake", f"handshake with {host}:{port} failed: {exc}")
             return None
-        # Writes block at most dead_after; reads are driven by select() in the link.
-        sock.settimeout(self.dead_after)
         self.master_info = welcome.get("master", {})
+        interval, dead_after = self._timing(self.master_info)
+        # Writes block at most dead_after; reads are driven by select() in the link.
+        sock.settimeout(dead_after)
         self.backoff.reset()
         self.connections += 1
-        link = _Link(self, sock)
+        link = _Link(self, sock, interval, dead_after)
         self._interrupt.clear()
         self._link = link
         if self.stopping.is_set():  # stop() raced with the handshake
@@ -410,6 +415,35 @@ class RpiBasicSlaveThread(threading.Thread):
         )
         return link
 
+    def _timing(self, master: dict[str, Any]) -> tuple[float, float]:
+        """Heartbeat interval and dead_after for this link: the master's, when it says.
+
+        The master judges liveness with its own [cluster] settings, so a slave
+        whose config disagrees follows the master's welcome rather than being
+        marked suspect; the disagreement is logged once per connection.
+        """
+        interval, dead_after = self.heartbeat_interval, self.dead_after
+        theirs = master.get("heartbeat_interval"), master.get("dead_after")
+        if (
+            all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0.01 <= v <= 3600
+                for v in theirs
+            )
+            and theirs[1] > theirs[0]
+        ):
+            if (interval, dead_after) != theirs:
+                logger.warning(
+                    "role %s: [cluster] heartbeat_interval %g / dead_after %g differ from the"
+                    " master's %g / %g; using the master's",
+                    self.role_name(),
+                    interval,
+                    dead_after,
+                    theirs[0],
+                    theirs[1],
+                )
+            interval, dead_after = float(theirs[0]), float(theirs[1])
+        return interval, dead_after
+
     def _serve(self, link: _Link) -> None:
         """Call perform_action() over and over while the link lives."""
         pause = Backoff(0.1, max(1.0, self.backoff.cap))
@@ -423,7 +457,7 @@ class RpiBasicSlaveThread(threading.Thread):
                 self.wait(pause.next_delay())
             else:
                 pause.reset()
-        link.thread.join(timeout=self.dead_after)
+        link.thread.join(timeout=link.dead_after)
 
     def _report_action_error(self, exc: Exception, *, first: bool) -> None:
         self.action_errors += 1

@@ -35,6 +35,7 @@ class ScriptedMaster:
         self.hellos: list[dict[str, Any]] = []
         self.auth_failures = 0
         self.silent = threading.Event()
+        self.master_extra: dict[str, Any] = {}
         self.lock = threading.Lock()
         self.conns: list[socket.socket] = []
         self.closed = False
@@ -79,7 +80,7 @@ class ScriptedMaster:
                     protocol.WELCOME,
                     protocol=protocol.PROTOCOL_VERSION,
                     mac=protocol.welcome_mac(self.secret, hello["nonce"], nonce),
-                    master={"hostname": "scripted", "port": self.port},
+                    master={"hostname": "scripted", "port": self.port, **self.master_extra},
                 ),
             )
             while True:
@@ -173,6 +174,16 @@ def test_join_sends_details_and_heartbeats(scripted, make_slave):
     assert 0 <= slave.last_rtt < 0.5
     assert slave.master_info["hostname"] == "scripted"
     assert slave.connected.is_set()
+
+
+def test_the_masters_heartbeat_interval_wins_over_a_disagreeing_config(
+    scripted, make_slave, caplog
+):
+    scripted.master_extra = {"heartbeat_interval": 0.02, "dead_after": 0.4}
+    slave = make_slave(scripted.port, heartbeat_interval=5.0, dead_after=30)
+    wait_for(slave.connected.is_set, what="connected")
+    wait_for(lambda: len(scripted.messages("heartbeat")) >= 10, timeout=2, what="fast heartbeats")
+    assert any("using the master's" in r.getMessage() for r in caplog.records)
 
 
 def test_request_returns_data_and_raises_the_masters_error(scripted, make_slave):
