@@ -270,3 +270,12 @@ def test_master_stops_on_sigterm_with_exit_0(tmp_path):
             master.kill()
         master.communicate(timeout=5)
     assert (tmp_path / "state" / "rpicluster.db").exists()
+
+
+def test_status_against_a_silent_listener_times_out_clearly(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never speaks
+        port = silent.getsockname()[1]
+        config = write(tmp_path, GOOD_SLAVE.replace("socket_port = 5005", f"socket_port = {port}"))
+        result = run("status", "--config", str(config), "--timeout", "0.5")
+    assert result.returncode == 1
+    assert f"handshake with the master at 127.0.0.1:{port} failed: timed out" in result.stderr
