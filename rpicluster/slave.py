@@ -402,7 +402,9 @@ class RpiBasicSlaveThread(threading.Thread):
         link = _Link(self, sock, interval, dead_after)
         self._interrupt.clear()
         self._link = link
-        if self.stopping.is_set():  # stop() raced with the handshake
+        if self.stopping.is_set():  # stop() raced with the handshake: leave properly
+            with contextlib.suppress(NotConnectedError):
+                link.send(protocol.make(protocol.GOODBYE, reason="slave stopping"))
             link.close("slave stopping")
         link.thread.start()
         self.connected.set()
