@@ -429,6 +429,38 @@ def test_stop_shuts_the_dashboard_down(cluster):
         socket.create_connection((host, port), timeout=1).close()
 
 
+def test_serves_on_ipv6_loopback(master, make_config, tmp_path):
+    if not socket.has_ipv6:
+        pytest.skip("this Python has no IPv6 support")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    config = slave_config(make_config, master.port, tmp_path / "web6", "webserver")
+    web = WebserverSlaveThread(
+        "127.0.0.1",
+        master.port,
+        secret=config.cluster.secret,
+        node_id="web6",
+        config=config,
+        heartbeat_interval=0.1,
+        webserver_host="::1",
+        webserver_port=0,
+    )
+    web.start()
+    try:
+        host, port = wait_for(lambda: web.web.server and web.web_address, what="bound on ::1")
+        assert host == "::1"
+        wait_for(
+            lambda: fetch_json(f"http://[::1]:{port}", "/healthz")["nodes"] >= 1,
+            what="the dashboard answering on [::1]",
+        )
+    finally:
+        web.stop()
+        web.join(timeout=5)
+
+
 def test_busy_port_is_reported_and_retried(master, make_config, tmp_path, caplog):
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))

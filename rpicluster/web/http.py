@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import socket
 import sys
 import threading
 import time
@@ -59,6 +60,8 @@ class DashboardServer(ThreadingHTTPServer):
         self.state = state
         self.settings = settings
         self.metrics = MetricsRenderer(lambda: state.snapshot, settings.stale_after)
+        if ":" in address[0]:  # an IPv6 literal such as "::" or "::1"
+            self.address_family = socket.AF_INET6
         self._cache: dict[str, bytes] = {}
         self._cache_stamp: Any = None
         self._cache_lock = threading.Lock()
