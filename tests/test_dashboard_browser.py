@@ -165,3 +165,20 @@ def test_dashboard_in_chromium_shows_every_node_with_plots(browser, web_cluster,
     assert len(widths) == 5 and all(w >= 400 for w in widths), widths
     assert node_id in browser.page_source
     browser.save_screenshot(str(ARTIFACTS / "node.png"))
+
+
+def test_dashboard_in_chromium_says_when_the_master_is_unreachable(browser, web_cluster):
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.get(web_cluster.base + "/")
+    wait_for(lambda: len(read_rows(browser)) == 4, what="the four nodes in Chromium")
+    web_cluster.master.stop()
+    banner = wait_for(
+        lambda: browser.execute_script(
+            "var b = document.getElementById('master-unreachable'); return b && b.innerText"
+        ),
+        timeout=10,
+        what="the 'master unreachable' banner in Chromium",
+    )
+    assert banner.startswith("Master unreachable since") and "last known state" in banner
+    assert len(read_rows(browser)) == 4  # the last known nodes stay on the page
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-master-unreachable.png"))

@@ -90,6 +90,7 @@ border-bottom:1px solid var(--line)}.facts dt{color:var(--muted)}.facts dd{margi
 text-align:right;overflow-wrap:anywhere}
 footer{color:var(--muted);font-size:12px;padding:0 24px 24px}
 .empty{padding:24px;text-align:center;color:var(--muted)}
+.stale tbody{opacity:.6}
 """
 
 
@@ -331,11 +332,12 @@ def render_dashboard(
     if not snap.nodes:
         rows = '<tr><td colspan="13" class="empty">No node has joined the cluster yet.</td></tr>'
     counts = snap.counts()
+    stale = " stale" if snap.master_unreachable_since(stale_after) is not None else ""
     body = (
         _header(snap, now_local, "rpicluster <small>dashboard</small>")
         + "<main>"
         + _banner(snap, stale_after, now_local)
-        + f'<div class="card"><table id="nodes">{head}<tbody>{rows}</tbody></table></div>'
+        + f'<div class="card{stale}"><table id="nodes">{head}<tbody>{rows}</tbody></table></div>'
         + "</main>"
         + _footer(snap)
     )
