@@ -297,6 +297,25 @@ def test_refresh_drops_points_outside_the_window_and_gone_nodes():
     assert "n1" not in snap.history
 
 
+def test_refresh_bounds_history_queries_and_points(monkeypatch):
+    monkeypatch.setattr("rpicluster.web.state.MAX_HISTORY_QUERIES", 3)
+    monkeypatch.setattr("rpicluster.web.state.MAX_HISTORY_POINTS", 100)
+    monkeypatch.setattr("rpicluster.web.state.MIN_POINTS_PER_NODE", 10)
+    now = time.time()
+    points = [vitals(now - 50 + k) for k in range(50)]
+    nodes = [node(f"n{i}", f"pi-{i}", vitals=points[-1]) for i in range(7)]
+    fake = FakeMaster(nodes, {f"n{i}": points for i in range(7)}, page=100)
+    state = ClusterState(3600)
+    asked = []
+    for _ in range(3):
+        fake.queries.clear()
+        snap = refresh(state, fake)
+        asked.append([f["node_id"] for w, f in fake.queries if w == "history"])
+    # 3 per refresh, round robin, until every node has been asked once.
+    assert asked == [["n0", "n1", "n2"], ["n3", "n4", "n5"], ["n6"]]
+    assert all(len(snap.node_history(f"n{i}")) == 100 // 7 for i in range(7))
+
+
 @pytest.mark.parametrize(
     "reply, message",
     [

@@ -249,7 +249,7 @@ def _node_id(path: str) -> Optional[str]:
         node_id = unquote(raw, errors="strict") if "%" in raw else raw
     except UnicodeDecodeError:
         return None
-    if len(node_id) > MAX_NODE_ID_LENGTH or "/" in node_id:
+    if len(node_id) > MAX_NODE_ID_LENGTH:
         return None
     return node_id
 

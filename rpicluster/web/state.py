@@ -48,6 +48,9 @@ HISTORY_FIELDS = ("cpu_percent", "temperature", "ram_available", "ram_total", "l
 HISTORY_PAGE_LIMIT = 1000  # the master's maximum ``limit`` of a history query
 MAX_HISTORY_PAGES = 20  # per node and refresh, so one refresh stays bounded
 MAX_CLUSTER_PAGES = 10000
+MAX_HISTORY_QUERIES = 200  # history queries per refresh, so a refresh stays bounded
+MAX_HISTORY_POINTS = 1_000_000  # all nodes together: about 56 MB of arrays
+MIN_POINTS_PER_NODE = 60
 NAN = float("nan")
 
 
@@ -125,6 +128,13 @@ class History:
     def column(self, name: str) -> array:
         return self.columns[name]
 
+    def newest(self, count: int) -> History:
+        """Only the latest ``count`` points (``self`` when it holds no more)."""
+        if len(self.ts) <= count:
+            return self
+        start = len(self.ts) - count
+        return History(self.ts[start:], {k: v[start:] for k, v in self.columns.items()})
+
     def trimmed(self, oldest: float) -> History:
         """Without the points at or before epoch ``oldest``."""
         start = bisect.bisect_right(self.ts, oldest)
@@ -184,16 +194,14 @@ class Snapshot:
     history: Mapping[str, History] = field(default_factory=dict)
     unreachable_since: Optional[float] = None
     last_error: str = ""
+    by_id: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def now(self) -> float:
         """Now, on the master's clock (the clock of ``last_seen`` and ``connected_since``)."""
         return time.time() + self.clock_offset
 
     def node(self, node_id: str) -> Optional[Mapping[str, Any]]:
-        for node in self.nodes:
-            if node.get("node_id") == node_id:
-                return node
-        return None
+        return self.by_id.get(node_id)
 
     def node_history(self, node_id: str) -> History:
         return self.history.get(node_id, _EMPTY_HISTORY)
@@ -228,6 +236,7 @@ class ClusterState:
         self.history_window = float(history_window)
         self._snapshot = Snapshot()
         self._lock = threading.Lock()  # serialises writers only
+        self.next_history_index = 0  # where the next refresh starts asking for history
 
     @property
     def snapshot(self) -> Snapshot:
@@ -254,6 +263,7 @@ class ClusterState:
                 master=master,
                 nodes=tuple(nodes),
                 history=history,
+                by_id={node["node_id"]: node for node in nodes},
             )
             return self._snapshot
 
@@ -274,6 +284,7 @@ class ClusterState:
                 history=old.history,
                 unreachable_since=since,
                 last_error=reason,
+                by_id=old.by_id,
             )
 
 
@@ -350,19 +361,30 @@ def refresh(state: ClusterState, request: Request) -> Snapshot:
     oldest = fetched_at + offset - state.history_window
     old = state.snapshot.history
     history: dict[str, History] = {}
+    # Bounded work and memory however large the fleet: at most MAX_HISTORY_QUERIES
+    # nodes are asked per refresh, starting where the last refresh stopped (the
+    # others are asked next time: their vitals stay newer than what we hold), and
+    # each node keeps at most its share of MAX_HISTORY_POINTS.
+    cap = max(MIN_POINTS_PER_NODE, MAX_HISTORY_POINTS // max(len(nodes), 1))
+    count = len(nodes)
+    start = state.next_history_index % count if count else 0
     asked = 0
-    for node in nodes:
+    for k in range(count):
+        index = (start + k) % count
+        node = nodes[index]
         node_id = node["node_id"]
         held = old.get(node_id, _EMPTY_HISTORY)
         latest = vital(node.get("vitals"), "ts")
         last = held.last_ts
-        if latest is not None and latest > oldest and (last is None or latest > last):
+        stale = latest is not None and latest > oldest and (last is None or latest > last)
+        if stale and asked < MAX_HISTORY_QUERIES:
             since = oldest if last is None else max(last, oldest)
             held = held.extended(fetch_history(request, node_id, since), oldest)
             asked += 1
+            state.next_history_index = index + 1
         else:
             held = held.trimmed(oldest)
-        history[node_id] = held
+        history[node_id] = held.newest(cap)
     log.debug("refreshed %d nodes, asked history of %d", len(nodes), asked)
     return state.replace(
         master=master, nodes=nodes, history=history, fetched_at=fetched_at, clock_offset=offset
