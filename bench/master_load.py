@@ -57,6 +57,13 @@ def main(argv: Any = None) -> int:
         "--ramp", type=float, default=15.0, help="first connects spread over, s (15)"
     )
     parser.add_argument("--no-append", action="store_true", help="do not write results.md")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="niceness of the master and slave processes (0; negative needs root)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the master's state dir and log")
     args = parser.parse_args(argv)
 
     raise_nofile(4096)
@@ -64,8 +71,8 @@ def main(argv: Any = None) -> int:
     state_dir = temp_state_dir()
     port = free_port()
     config = write_config(state_dir, port, heartbeat_interval=args.interval)
-    master = MasterProcess(config, f"{state_dir}/master.log", port)
-    fleet = Fleet(port, args.slaves, args.interval, args.processes, ramp=args.ramp)
+    master = MasterProcess(config, f"{state_dir}/master.log", port, nice=args.nice)
+    fleet = Fleet(port, args.slaves, args.interval, args.processes, ramp=args.ramp, nice=args.nice)
     lines: list[str] = []
     try:
         master.start()
@@ -107,7 +114,8 @@ def main(argv: Any = None) -> int:
     rtts_ms = [r * 1000 for r in results["rtts"]]
     expected = args.slaves * args.duration / args.interval
     lines += [
-        f"slaves: {args.slaves} in {args.processes} processes, heartbeat every {args.interval:g} s,"
+        f"slaves: {args.slaves} in {args.processes} processes, heartbeat every {args.interval:g} s;"
+        f" niceness of master and slaves {args.nice};"
         f" measured {args.duration:g} s; machine load average before/after:"
         f" {load_before:.1f}/{os.getloadavg()[0]:.1f} (other sessions share these 2 cores)",
         f"master CPU: {cpu_pct:.1f} % of one core while steady"
@@ -143,7 +151,10 @@ def main(argv: Any = None) -> int:
         print("\n".join(lines))
     else:
         report.append(f"master_load: {args.slaves} slaves", lines)
-    shutil.rmtree(state_dir, ignore_errors=True)
+    if args.keep:
+        print(f"master state dir and log kept in {state_dir}")
+    else:
+        shutil.rmtree(state_dir, ignore_errors=True)
     return 0 if all(ok for _, ok in targets) else 1
 
 

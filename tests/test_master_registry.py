@@ -158,3 +158,13 @@ def test_dirty_rows_and_last_seen_rows(registry, clock):
     assert registry.take_dirty_rows() == []
     # ... their time is written in batches instead.
     assert registry.last_seen_rows() == [(pytest.approx(1e9 + 1001), "n1")]
+
+
+def test_a_late_sweep_does_not_blame_nodes_for_the_masters_own_lag(registry, clock):
+    # The loop read this heartbeat at the start of an iteration that then took 2 s.
+    session, _ = registry.register("n1", "basic", "a", {}, Conn())
+    clock.now += 5.5
+    assert registry.sweep(grace=2.0) == []
+    assert registry.nodes["n1"].state == SUSPECT
+    assert registry.sweep(grace=0.0) == [session]
+    assert registry.nodes["n1"].state == DEAD

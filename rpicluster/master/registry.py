@@ -187,14 +187,16 @@ class Registry:
             self.dirty.add(node.node_id)
         return True
 
-    def sweep(self) -> list[Session]:
+    def sweep(self, grace: float = 0.0) -> list[Session]:
         """Move silent nodes to suspect/dead; return the sessions to close.
 
         Cheap enough to run several times a second with 10,000 nodes: it looks
-        only at nodes that are alive or suspect.
+        only at nodes that are alive or suspect. ``grace`` is how late the caller
+        runs: when the master's own loop lagged, messages it read early in that
+        long iteration look older than they are, and must not kill their nodes.
         """
         self.sync_clock()
-        now = self.clock()
+        now = self.clock() - max(0.0, grace)
         suspect_before = now - self.suspect_after
         dead_before = now - self.dead_after
         to_close: list[Session] = []

@@ -31,6 +31,7 @@ FLUSH_INTERVAL = 0.5  # seconds between two batches of changed rows to the store
 LAST_SEEN_INTERVAL = 5.0  # seconds between two batches of heartbeat times to the store
 HISTORY_CAP = 1000  # points per history reply at most
 MAX_WRITE_BUFFER = 8 * 1024 * 1024  # a peer that stops reading replies is dropped
+STALL_WARNING = 1.0  # seconds of event-loop lateness worth a warning
 READ_BUFFER = 256 * 1024  # bytes read from a socket at once, shared by all connections
 _MAX_ID = 128  # characters of a node_id
 _MAX_ROLE = 200  # characters of a role name
@@ -477,6 +478,7 @@ class Master:
         self._server: Optional[asyncio.base_events.Server] = None
         self._thread: Optional[threading.Thread] = None
         self._timers: list[asyncio.TimerHandle] = []
+        self._last_sweep = self.clock()
         # Often enough to mark a silent node dead well within dead_after + 0.5 s,
         # rarely enough to cost nothing with 10,000 nodes.
         self.sweep_interval = min(0.25, max(0.02, cluster.dead_after / 20))
@@ -619,8 +621,14 @@ class Master:
 
     def _sweep(self) -> None:
         registry = self.registry
+        now = self.clock()
+        late = now - self._last_sweep - self.sweep_interval
+        self._last_sweep = now
+        if late > STALL_WARNING:
+            # A starved CPU or a blocked disk: say so, or the deaths that follow look random.
+            log.warning("event loop ran %.1f s late (master starved of CPU or blocked)", late)
         closed_nodes = set()
-        for session in registry.sweep():
+        for session in registry.sweep(grace=late):
             node = session.node
             session.conn.close()
             if node.node_id not in closed_nodes:
