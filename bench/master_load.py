@@ -19,6 +19,7 @@ import shutil
 import socket
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from bench import report
@@ -38,13 +39,27 @@ from rpicluster import protocol as p
 MB = 1024 * 1024
 
 
-def counts(port: int) -> dict[str, int]:
-    """Node counts by state from one small ``cluster`` page (limit 1)."""
+def master_info(port: int) -> dict[str, Any]:
+    """The master dict (node counts by state, counters) from one small ``cluster`` page."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         p.client_handshake(sock, SECRET, kind=p.KIND_CLIENT, node_id="bench-poll", role="-")
         p.send_frame(sock, p.make(p.QUERY, id=1, what="cluster", limit=1))
         reply = p.recv_message(sock)
-        return reply["data"]["master"]["nodes"]
+        return reply["data"]["master"]
+
+
+def counts(port: int) -> dict[str, int]:
+    return master_info(port)["nodes"]
+
+
+def cpu_pressure() -> str:
+    """Linux PSI: share of the last 60 s some task waited for a CPU (the machine's noise)."""
+    try:
+        with open("/proc/pressure/cpu") as psi:
+            fields = dict(f.split("=") for f in psi.readline().split()[1:])
+        return f"{float(fields['avg60']):.0f} %"
+    except (OSError, KeyError, ValueError):
+        return "n/a"
 
 
 def main(argv: Any = None) -> int:
@@ -94,12 +109,15 @@ def main(argv: Any = None) -> int:
             print(f"only {state} after 60 s; measuring anyway")
         time.sleep(2.0)  # settle: every slave has sent a few heartbeats
         fleet.measure.set()
+        msgs_a = master_info(port)["counters"]["messages_total"]
         cpu_a, fleet_a, t_a = master.cpu_seconds(), fleet.cpu_seconds(), time.monotonic()
         rss_samples = []
         while time.monotonic() - t_a < args.duration:
             rss_samples.append(master.rss())
             time.sleep(0.5)
         cpu_b, fleet_b, t_b = master.cpu_seconds(), fleet.cpu_seconds(), time.monotonic()
+        msgs = master_info(port)["counters"]["messages_total"] - msgs_a
+        psi = cpu_pressure()
         fleet.measure.clear()
         cpu_pct = (cpu_b - cpu_a) / (t_b - t_a) * 100
         fleet_pct = (fleet_b - fleet_a) / (t_b - t_a) * 100
@@ -108,19 +126,25 @@ def main(argv: Any = None) -> int:
         by_state: dict[str, int] = {}
         for node in doc["nodes"]:
             by_state[node["state"]] = by_state.get(node["state"], 0) + 1
+        # The master's log up to now: the fleet's own stop below closes every connection.
+        log_text = Path(f"{state_dir}/master.log").read_text(encoding="utf-8", errors="replace")
         results = fleet.stop()
     finally:
         master.stop()
+    deaths = log_text.count("silent for more than") + log_text.count("without goodbye")
+    stalls = log_text.count("event loop ran")
     rtts_ms = [r * 1000 for r in results["rtts"]]
     expected = args.slaves * args.duration / args.interval
     lines += [
         f"slaves: {args.slaves} in {args.processes} processes, heartbeat every {args.interval:g} s;"
         f" niceness of master and slaves {args.nice};"
         f" measured {args.duration:g} s; machine load average before/after:"
-        f" {load_before:.1f}/{os.getloadavg()[0]:.1f} (other sessions share these 2 cores)",
+        f" {load_before:.1f}/{os.getloadavg()[0]:.1f}, CPU pressure (PSI some avg60) {psi}"
+        " (other sessions share these 2 cores)",
         f"master CPU: {cpu_pct:.1f} % of one core while steady"
         f" ({join_cpu:.1f} % while {args.slaves} joined); slave processes {fleet_pct:.1f} %"
-        f" ({join_fleet:.1f} % while joining)",
+        f" ({join_fleet:.1f} % while joining); {msgs / (t_b - t_a):.0f} messages/s handled,"
+        f" {(cpu_b - cpu_a) / max(msgs, 1) * 1e6:.1f} us of master CPU each",
         f"master RSS: max {rss_max / MB:.1f} MB,"
         f" median {statistics.median(rss_samples) / MB:.1f} MB while steady",
         f"heartbeat round trip: p50 {percentile(rtts_ms, 50):.2f} ms,"
@@ -134,7 +158,9 @@ def main(argv: Any = None) -> int:
             if registered_after is not None
             else "NO, not within 60 s"
         ),
-        f"states at the end: {by_state}; disconnects seen by slaves: {results['disconnects']};"
+        f"states at the end: {by_state}; slaves marked dead during the run: {deaths};"
+        f" master loop-lateness warnings: {stalls};"
+        f" disconnects seen by slaves: {results['disconnects']};"
         f" errors: {sorted(set(results['errors']))}",
     ]
     targets = [
@@ -142,7 +168,10 @@ def main(argv: Any = None) -> int:
         ("master RSS <= 128 MB", rss_max <= 128 * MB),
         ("round trip p99 < 50 ms", percentile(rtts_ms, 99) < 50),
         ("all registered within 30 s", registered_after is not None and registered_after <= 30),
-        ("none marked dead", by_state.get("dead", 0) == 0 and by_state.get("suspect", 0) == 0),
+        (
+            "none marked dead",
+            deaths == 0 and by_state.get("dead", 0) == 0 and by_state.get("suspect", 0) == 0,
+        ),
     ]
     lines.append(
         "targets: " + "; ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in targets)
