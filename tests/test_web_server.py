@@ -29,6 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from rpicluster.roles import resolve
 from rpicluster.roles.vitals import VitalsSlaveThread
 from rpicluster.roles.webserver import WebserverSlaveThread
+from rpicluster.web import dashboard
+from rpicluster.web.http import DashboardSettings, WebService
+from rpicluster.web.state import ClusterState
 from tests.conftest import TEST_CLUSTER
 from tests.helpers import wait_for
 
@@ -211,8 +214,11 @@ def test_dashboard_and_node_pages_show_every_node_with_plots(cluster):
     status, headers, body = fetch(cluster.base, "/")
     page = body.decode()
     assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
-    assert "script-src" not in headers["Content-Security-Policy"]  # no script allowed at all
-    assert '<meta http-equiv="refresh" content="1">' in page
+    # The one script allowed is the reload poller, by its hash; nothing from outside.
+    csp = headers["Content-Security-Policy"]
+    assert f"script-src '{dashboard.RELOAD_SCRIPT_HASH}';" in csp and "http" not in csp
+    assert '<noscript><meta http-equiv="refresh" content="1"></noscript>' in page
+    assert page.count("<script>") == 1 and "src=" not in page
     states = row_states(cluster.base)
     assert set(states) == {s.node_id for s in cluster.slaves} | {cluster.web.node_id}
     assert set(states.values()) == {"alive"}
@@ -233,6 +239,30 @@ def test_large_pages_are_gzipped_for_clients_that_accept_it(cluster):
     assert all(f'data-node-id="{s.node_id}"' in page for s in cluster.slaves)
     status, headers, _ = fetch(cluster.base, "/")  # urllib sends no Accept-Encoding
     assert status == 200 and "Content-Encoding" not in headers
+
+
+def test_a_lost_connection_shows_at_once_between_refreshes():
+    """The role's connection probe says down: the next request marks the state stale."""
+    state = ClusterState(60)
+    state.replace(master={}, nodes=[{"node_id": "a"}], history={}, fetched_at=time.time())
+    up = [True]
+    service = WebService("127.0.0.1", 0, state, DashboardSettings(1.0, 60.0, 3600.0), lambda: up[0])
+    service.start()
+    try:
+        base = f"http://127.0.0.1:{service.address[1]}"
+        assert fetch_json(base, "/healthz")["status"] == "ok"
+        up[0] = False
+        health = fetch_json(base, "/healthz")
+        assert health["status"] == "degraded" and health["master_unreachable_since"]
+        assert b"Master unreachable since" in fetch(base, "/")[2]
+    finally:
+        service.stop()
+
+
+def test_favicon(cluster):
+    status, headers, body = fetch(cluster.base, "/favicon.svg")
+    assert status == 200 and headers["Content-Type"] == "image/svg+xml"
+    assert body.startswith(b"<svg")
 
 
 def test_unknown_paths_and_node_ids_get_404(cluster):

@@ -66,6 +66,7 @@ class WebserverSlaveThread(RpiBasicSlaveThread):
             port,
             self.state,
             DashboardSettings(self.refresh_interval, float(window), stale_after),
+            connected=self.connected.is_set,
         )
         self._web_lock = threading.Lock()
         self._bind_failed_at: Optional[float] = None

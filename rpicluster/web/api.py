@@ -66,6 +66,7 @@ def health_document(snap: Snapshot, stale_after: float) -> dict[str, Any]:
     doc = _freshness(snap, stale_after)
     doc["status"] = "ok" if doc["master_reachable"] else "degraded"
     doc["nodes"] = len(snap.nodes)
+    doc["version"] = snap.version  # pages reload when it changes
     return doc
 
 

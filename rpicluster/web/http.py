@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 
 MAX_NODE_ID_LENGTH = 256
 GZIP_MIN_BYTES = 4096  # smaller bodies are not worth compressing
-# The page embeds its CSS and SVGs and runs no script at all.
+# The page embeds its CSS and SVGs; the one script allowed is the reload poller, by hash.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; "
+    f"script-src '{dashboard.RELOAD_SCRIPT_HASH}'; connect-src 'self'; "
     "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -55,10 +56,15 @@ class DashboardServer(ThreadingHTTPServer):
     request_queue_size = 128  # a burst of browsers and scrapers must not see refused connections
 
     def __init__(
-        self, address: tuple[str, int], state: ClusterState, settings: DashboardSettings
+        self,
+        address: tuple[str, int],
+        state: ClusterState,
+        settings: DashboardSettings,
+        connected: Optional[Callable[[], bool]] = None,
     ) -> None:
         self.state = state
         self.settings = settings
+        self.connected = connected
         self.metrics = MetricsRenderer(lambda: state.snapshot, settings.stale_after)
         if ":" in address[0]:  # an IPv6 literal such as "::" or "::1"
             self.address_family = socket.AF_INET6
@@ -187,6 +193,16 @@ class DashboardHandler(BaseHTTPRequestHandler):
     def _route(self, path: str) -> None:
         server = self.server
         snap = server.state.snapshot
+        if (
+            server.connected is not None
+            and snap.fetched_at is not None
+            and snap.unreachable_since is None
+            and not server.connected()
+        ):
+            # The role lost its connection between two refreshes: say so at once
+            # rather than after the staleness timeout.
+            server.state.mark_unreachable("not connected to the master")
+            snap = server.state.snapshot
         cfg = server.settings
         stale = cfg.stale_after
         html, json_type = "text/html; charset=utf-8", "application/json"
@@ -202,6 +218,8 @@ class DashboardHandler(BaseHTTPRequestHandler):
                 ).encode("utf-8"),
                 html,
             )
+        elif path in ("/favicon.svg", "/favicon.ico"):
+            self._send(HTTPStatus.OK, dashboard.FAVICON_SVG.encode(), "image/svg+xml")
         elif path == "/healthz":
             self._json(HTTPStatus.OK, api.health_document(snap, stale))
         elif path == "/metrics":
@@ -258,12 +276,18 @@ class WebService:
     """Starts the server in a background thread and stops it; safe to stop twice."""
 
     def __init__(
-        self, host: str, port: int, state: ClusterState, settings: DashboardSettings
+        self,
+        host: str,
+        port: int,
+        state: ClusterState,
+        settings: DashboardSettings,
+        connected: Optional[Callable[[], bool]] = None,
     ) -> None:
         self.host = host
         self.port = port
         self.state = state
         self.settings = settings
+        self.connected = connected  # is the role connected to the master now?
         self.server: Optional[DashboardServer] = None
         self._thread: Optional[threading.Thread] = None
 
@@ -279,7 +303,9 @@ class WebService:
         if self.server is not None:
             return
         try:
-            server = DashboardServer((self.host, self.port), self.state, self.settings)
+            server = DashboardServer(
+                (self.host, self.port), self.state, self.settings, self.connected
+            )
         except OSError as exc:
             raise OSError(
                 exc.errno, f"cannot serve the dashboard on {self.host}:{self.port}: {exc.strerror}"
