@@ -180,12 +180,23 @@ def _used_percent(node: Mapping[str, Any]) -> Optional[Callable[[float], float]]
 # (key, caption, history column, y range: fixed or from the plotted means, formatter)
 PlotSpec = tuple[str, str, str, Any, Callable[[float], str]]
 
+
+def _table_temperature_range(finite: list[float]) -> tuple[float, float]:
+    """30-90 °C (a Pi throttles at 80-85), widened for outliers: rows compare at a glance."""
+    lo, hi = auto_range(finite)
+    return min(lo, 30.0), max(hi, 90.0)
+
+
 PLOTS: tuple[PlotSpec, ...] = (
     ("cpu", "CPU %", "cpu_percent", (0.0, 100.0), humanize.percent),
-    ("temp", "Temperature", "temperature", auto_range, humanize.temperature),
+    ("temp", "Temperature", "temperature", _table_temperature_range, humanize.temperature),
     ("ram", "RAM used", "ram_available", (0.0, 100.0), humanize.percent),
 )
-DETAIL_PLOTS: tuple[PlotSpec, ...] = PLOTS + (
+# The node page zooms in: the temperature axis fits that node's readings.
+DETAIL_PLOTS: tuple[PlotSpec, ...] = (
+    PLOTS[0],
+    ("temp", "Temperature", "temperature", auto_range, humanize.temperature),
+    PLOTS[2],
     ("load", "Load (1 min)", "load_1", lambda f: auto_range(f, 1.0), lambda v: f"{v:.2f}"),
     ("disk", "Disk free", "disk_free", _disk_range, humanize.size),
 )
