@@ -259,6 +259,21 @@ def test_a_lost_connection_shows_at_once_between_refreshes():
         service.stop()
 
 
+def test_missing_prometheus_client_is_a_clear_config_error():
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None\n"
+        "from rpicluster.roles import resolve\n"
+        "resolve('webserver', 'rpicluster.cfg')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "ConfigError: rpicluster.cfg: [slave] roles: role 'webserver'" in last
+    assert "apt install python3-prometheus-client" in last
+
+
 def test_favicon(cluster):
     status, headers, body = fetch(cluster.base, "/favicon.svg")
     assert status == 200 and headers["Content-Type"] == "image/svg+xml"

@@ -13,8 +13,14 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+try:
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+except ImportError as exc:  # pragma: no cover - depends on the Pi's packages
+    raise ImportError(
+        f"the webserver role needs prometheus_client ({exc}); on Debian or Raspberry Pi OS:"
+        " apt install python3-prometheus-client"
+    ) from exc
 
 from rpicluster.web.state import Snapshot, number, ram_total, vital
 
