@@ -417,8 +417,9 @@ def test_a_dead_node_turns_dead_on_the_page_within_dead_after_plus_a_refresh(
 
     wait_for(dead_on_page, timeout=10, what="victim dead on the dashboard")
     elapsed = time.monotonic() - stopped
-    # dead_after + one refresh, plus 0.5 s for a loaded 2-core machine.
-    assert elapsed <= DEAD_AFTER + REFRESH + 0.5, f"{elapsed:.2f} s, states seen {seen}"
+    # dead_after + one refresh, plus 1 s for a loaded 2-core machine shared with
+    # other test runs (a real miss, such as waiting for the staleness timeout, is 5 s).
+    assert elapsed <= DEAD_AFTER + REFRESH + 1.0, f"{elapsed:.2f} s, states seen {seen}"
     others = row_states(cluster.base)
     assert all(others[s.node_id] == "alive" for s in cluster.slaves)
 
