@@ -126,13 +126,14 @@ def main(argv: Any = None) -> int:
         by_state: dict[str, int] = {}
         for node in doc["nodes"]:
             by_state[node["state"]] = by_state.get(node["state"], 0) + 1
-        # The master's log up to now: the fleet's own stop below closes every connection.
+        # Before the fleet's own stop below closes every connection:
+        counters = master_info(port)["counters"]
+        deaths = counters["silent_deaths_total"] + counters["closed_without_goodbye_total"]
         log_text = Path(f"{state_dir}/master.log").read_text(encoding="utf-8", errors="replace")
+        stalls = log_text.count("event loop ran")
         results = fleet.stop()
     finally:
         master.stop()
-    deaths = log_text.count("silent for more than") + log_text.count("without goodbye")
-    stalls = log_text.count("event loop ran")
     rtts_ms = [r * 1000 for r in results["rtts"]]
     expected = args.slaves * args.duration / args.interval
     lines += [

@@ -31,6 +31,7 @@ FLUSH_INTERVAL = 0.5  # seconds between two batches of changed rows to the store
 LAST_SEEN_INTERVAL = 5.0  # seconds between two batches of heartbeat times to the store
 HISTORY_CAP = 1000  # points per history reply at most
 MAX_WRITE_BUFFER = 8 * 1024 * 1024  # a peer that stops reading replies is dropped
+CLOSE_TIMEOUT = 5.0  # seconds a closed connection may take to flush before it is aborted
 STALL_WARNING = 1.0  # seconds of event-loop lateness worth a warning
 READ_BUFFER = 256 * 1024  # bytes read from a socket at once, shared by all connections
 _MAX_ID = 128  # characters of a node_id
@@ -52,6 +53,9 @@ class Counters:
         "auth_failures_total",
         "handshake_timeouts_total",
         "replaced_total",
+        "goodbyes_total",
+        "closed_without_goodbye_total",
+        "silent_deaths_total",
     )
 
     def __init__(self) -> None:
@@ -60,6 +64,47 @@ class Counters:
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
+
+
+class LogLimiter:
+    """At most ``limit`` lines per ``window`` seconds for one kind of event, then a count.
+
+    A few joins or deaths are worth a line each; 10,000 slaves re-joining after a
+    restart are worth one summary, not 10,000 lines written from the event loop.
+    """
+
+    def __init__(self, what: str, limit: int = 20, window: float = 10.0) -> None:
+        self.what = what
+        self.limit = limit
+        self.window = window
+        self.start = 0.0
+        self.count = 0
+        self.suppressed = 0
+
+    def __call__(self, now: float, level: int, msg: str, *args: Any) -> None:
+        if now - self.start >= self.window:
+            self.flush(now)
+        self.count += 1
+        if self.count <= self.limit:
+            log.log(level, msg, *args)
+        else:
+            self.suppressed += 1
+
+    def flush(self, now: float) -> None:
+        """Log the count of suppressed lines once their window is over."""
+        if now - self.start < self.window:
+            return
+        if self.suppressed:
+            log.log(
+                logging.WARNING if "dead" in self.what else logging.INFO,
+                "%d more %s in the last %g s (not logged one by one)",
+                self.suppressed,
+                self.what,
+                self.window,
+            )
+        self.start = now
+        self.count = 0
+        self.suppressed = 0
 
 
 # Which counter an error code bumps.
@@ -129,8 +174,15 @@ class Connection(asyncio.BufferedProtocol):
         if session is None or master.stopping:
             return
         if master.registry.disconnect(session, self.said_goodbye):
-            how = "said goodbye" if self.said_goodbye else "closed its connection without goodbye"
-            log.info(
+            if self.said_goodbye:
+                master.counters.goodbyes_total += 1
+                how = "said goodbye"
+            else:
+                master.counters.closed_without_goodbye_total += 1
+                how = "closed its connection without goodbye"
+            master.log_leaves(
+                master.clock(),
+                logging.INFO,
                 "node %s role %s %s (%s)",
                 session.node.node_id,
                 session.role,
@@ -146,6 +198,9 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.write(p.make(p.ERROR, code=code, message=message))
         self.closed = True
         self.transport.close()
+        # close() waits for queued bytes to be sent: a peer that is gone or never
+        # reads would hold its socket forever, so drop it hard after a while.
+        self.master.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
 
     def fail(self, code: str, message: str) -> None:
         """Refuse bad input: one log line with the peer, counters, ``error`` frame, close."""
@@ -162,7 +217,15 @@ class Connection(asyncio.BufferedProtocol):
         elif code == p.E_HANDSHAKE_TIMEOUT:
             counters.handshake_timeouts_total += 1
         who = f" ({self.name})" if self.name else ""
-        log.warning("peer %s%s: %s: %s; closing", self.peer, who, code, message)
+        self.master.log_refusals(
+            self.master.clock(),
+            logging.WARNING,
+            "peer %s%s: %s: %s; closing",
+            self.peer,
+            who,
+            code,
+            message,
+        )
         self.close(code, message)
 
     def _handshake_timeout(self) -> None:
@@ -315,7 +378,9 @@ class Connection(asyncio.BufferedProtocol):
             self.session = session
             if old is not None:
                 master.counters.replaced_total += 1
-                log.info(
+                master.log_joins(
+                    master.clock(),
+                    logging.INFO,
                     "node %s role %s: newer connection from %s replaces the older one",
                     node_id,
                     role,
@@ -325,7 +390,14 @@ class Connection(asyncio.BufferedProtocol):
                     p.E_REPLACED, f"a newer connection for node {node_id} role {role} took over"
                 )
             else:
-                log.info("node %s role %s joined from %s", node_id, role, self.peer)
+                master.log_joins(
+                    master.clock(),
+                    logging.INFO,
+                    "node %s role %s joined from %s",
+                    node_id,
+                    role,
+                    self.peer,
+                )
 
     # -------------------------------------------------------------- queries
 
@@ -479,6 +551,10 @@ class Master:
         self._thread: Optional[threading.Thread] = None
         self._timers: list[asyncio.TimerHandle] = []
         self._last_sweep = self.clock()
+        self.log_joins = LogLimiter("joins")
+        self.log_leaves = LogLimiter("disconnections")
+        self.log_deaths = LogLimiter("silent nodes marked dead")
+        self.log_refusals = LogLimiter("refused connections")
         # Often enough to mark a silent node dead well within dead_after + 0.5 s,
         # rarely enough to cost nothing with 10,000 nodes.
         self.sweep_interval = min(0.25, max(0.02, cluster.dead_after / 20))
@@ -627,13 +703,19 @@ class Master:
         if late > STALL_WARNING:
             # A starved CPU or a blocked disk: say so, or the deaths that follow look random.
             log.warning("event loop ran %.1f s late (master starved of CPU or blocked)", late)
+        for limiter in (self.log_joins, self.log_leaves, self.log_deaths, self.log_refusals):
+            limiter.flush(now)
         closed_nodes = set()
         for session in registry.sweep(grace=late):
             node = session.node
             session.conn.close()
             if node.node_id not in closed_nodes:
                 closed_nodes.add(node.node_id)
-                log.warning(
+                if node.state == DEAD:
+                    self.counters.silent_deaths_total += 1
+                self.log_deaths(
+                    now,
+                    logging.WARNING,
                     "node %s (%s) silent for more than %g s: %s, closing its connection",
                     node.node_id,
                     node.hostname,
