@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rpicluster import protocol as p
+from tests.helpers import wait_for
 
 # A short handshake timeout; long liveness limits so the good slave, which only
 # talks when a test asks it to, never goes suspect in the middle of a test.
@@ -358,3 +359,25 @@ def test_random_frames_never_hurt_a_good_slave(master, good, cluster_secret, fra
     assert good.still_works()
     ids = {n["node_id"] for n in master.cluster_state()["nodes"]}
     assert ids <= {"good", "fuzz"}
+
+
+def test_peer_that_never_reads_its_replies_is_dropped(master, good, cluster_secret, caplog):
+    master.close_timeout = 0.2  # abort the unflushable connection quickly
+    big = socket.create_connection(("127.0.0.1", master.port), timeout=5)
+    p.client_handshake(
+        big, cluster_secret, kind="slave", node_id="big", role="basic", details={"b": "x" * 50000}
+    )
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader.connect(("127.0.0.1", master.port))
+    p.client_handshake(reader, cluster_secret, kind="client", node_id="lazy", role="-")
+    open_before = counters(master)["connections_open"]
+    # 400 replies of 50 KB: far more than the master queues for one peer (8 MiB).
+    reader.sendall(b"".join(p.make(p.QUERY, id=i, what="cluster") for i in range(400)))
+    wait_for(
+        lambda: counters(master)["connections_open"] == open_before - 1, 10, what="lazy dropped"
+    )
+    logged_once(caplog, "does not read its replies")
+    assert good.still_works()
+    reader.close()
+    big.close()

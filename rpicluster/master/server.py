@@ -200,7 +200,7 @@ class Connection(asyncio.BufferedProtocol):
         self.transport.close()
         # close() waits for queued bytes to be sent: a peer that is gone or never
         # reads would hold its socket forever, so drop it hard after a while.
-        self.master.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+        self.master.loop.call_later(self.master.close_timeout, self.transport.abort)
 
     def fail(self, code: str, message: str) -> None:
         """Refuse bad input: one log line with the peer, counters, ``error`` frame, close."""
@@ -551,6 +551,7 @@ class Master:
         self._thread: Optional[threading.Thread] = None
         self._timers: list[asyncio.TimerHandle] = []
         self._last_sweep = self.clock()
+        self.close_timeout = CLOSE_TIMEOUT
         self.log_joins = LogLimiter("joins")
         self.log_leaves = LogLimiter("disconnections")
         self.log_deaths = LogLimiter("silent nodes marked dead")
