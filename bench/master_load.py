@@ -56,6 +56,14 @@ def counts(port: int) -> dict[str, int]:
         return {}
 
 
+def safe_counters(port: int) -> dict[str, int]:
+    """The master's counters; empty when it is too busy to answer within 60 s."""
+    try:
+        return master_info(port)["counters"]
+    except (OSError, p.ProtocolError):
+        return {}
+
+
 def cpu_pressure() -> str:
     """Linux PSI: share of the last 60 s some task waited for a CPU (the machine's noise)."""
     try:
@@ -113,26 +121,30 @@ def main(argv: Any = None) -> int:
             print(f"only {state} after 60 s; measuring anyway")
         time.sleep(2.0)  # settle: every slave has sent a few heartbeats
         fleet.measure.set()
-        msgs_a = master_info(port)["counters"]["messages_total"]
+        msgs_a = safe_counters(port).get("messages_total", 0)
         cpu_a, fleet_a, t_a = master.cpu_seconds(), fleet.cpu_seconds(), time.monotonic()
         rss_samples = []
         while time.monotonic() - t_a < args.duration:
             rss_samples.append(master.rss())
             time.sleep(0.5)
         cpu_b, fleet_b, t_b = master.cpu_seconds(), fleet.cpu_seconds(), time.monotonic()
-        msgs = master_info(port)["counters"]["messages_total"] - msgs_a
+        msgs = safe_counters(port).get("messages_total", msgs_a) - msgs_a
         psi = cpu_pressure()
         fleet.measure.clear()
         cpu_pct = (cpu_b - cpu_a) / (t_b - t_a) * 100
         fleet_pct = (fleet_b - fleet_a) / (t_b - t_a) * 100
         rss_max = max([rss_max, *rss_samples])
-        doc = query_cluster(port)
         by_state: dict[str, int] = {}
-        for node in doc["nodes"]:
-            by_state[node["state"]] = by_state.get(node["state"], 0) + 1
+        try:
+            for node in query_cluster(port, timeout=60)["nodes"]:
+                by_state[node["state"]] = by_state.get(node["state"], 0) + 1
+        except (OSError, p.ProtocolError):
+            by_state["no answer within 60 s"] = args.slaves
         # Before the fleet's own stop below closes every connection:
-        counters = master_info(port)["counters"]
-        deaths = counters["silent_deaths_total"] + counters["closed_without_goodbye_total"]
+        counters = safe_counters(port)
+        deaths = counters.get("silent_deaths_total", -1) + counters.get(
+            "closed_without_goodbye_total", 0
+        )
         log_text = Path(f"{state_dir}/master.log").read_text(encoding="utf-8", errors="replace")
         stalls = log_text.count("event loop ran")
         results = fleet.stop()

@@ -106,8 +106,12 @@ class MasterProcess:
 
     def start(self, timeout: float = 30.0) -> float:
         """Start the master; return the monotonic time it first accepted a connection."""
+        # Its own session, so its own scheduling autogroup: on this shared machine the
+        # master then gets a CPU share of its own instead of sharing one with its
+        # simulated slaves (as a real master Pi would not).
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _MASTER_CODE, self.config_path, self.log_path, str(self.nice)]
+            [sys.executable, "-c", _MASTER_CODE, self.config_path, self.log_path, str(self.nice)],
+            start_new_session=True,
         )
         self.ps = psutil.Process(self.proc.pid)
         deadline = time.monotonic() + timeout
@@ -347,6 +351,7 @@ class Worker:
 
 def worker_main(spec: WorkerSpec, measure: Any, stop: Any, out: Any) -> None:
     raise_nofile(len(spec.node_ids) + 1024)
+    os.setsid()  # a scheduling autogroup of its own, like the master's (see MasterProcess)
     if spec.nice:
         os.nice(spec.nice)
     worker = Worker(spec, measure, stop)
