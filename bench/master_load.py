@@ -122,12 +122,14 @@ def main(argv: Any = None) -> int:
         time.sleep(2.0)  # settle: every slave has sent a few heartbeats
         fleet.measure.set()
         msgs_a = safe_counters(port).get("messages_total", 0)
+        sched_a = master.sched()
         cpu_a, fleet_a, t_a = master.cpu_seconds(), fleet.cpu_seconds(), time.monotonic()
         rss_samples = []
         while time.monotonic() - t_a < args.duration:
             rss_samples.append(master.rss())
             time.sleep(0.5)
         cpu_b, fleet_b, t_b = master.cpu_seconds(), fleet.cpu_seconds(), time.monotonic()
+        sched_b = master.sched()
         msgs = safe_counters(port).get("messages_total", msgs_a) - msgs_a
         psi = cpu_pressure()
         fleet.measure.clear()
@@ -162,6 +164,9 @@ def main(argv: Any = None) -> int:
         f" ({join_cpu:.1f} % while {args.slaves} joined); slave processes {fleet_pct:.1f} %"
         f" ({join_fleet:.1f} % while joining); {msgs / (t_b - t_a):.0f} messages/s handled,"
         f" {(cpu_b - cpu_a) / max(msgs, 1) * 1e6:.1f} us of master CPU each",
+        f"master threads waited runnable for a CPU {sched_b[1] - sched_a[1]:.1f} s and ran"
+        f" {sched_b[0] - sched_a[0]:.1f} s of the {t_b - t_a:.1f} s measured (Linux schedstat):"
+        " waiting is CPU starvation by the machine, not work of the master",
         f"master RSS: max {rss_max / MB:.1f} MB,"
         f" median {statistics.median(rss_samples) / MB:.1f} MB while steady",
         f"heartbeat round trip: p50 {percentile(rtts_ms, 50):.2f} ms,"

@@ -131,6 +131,17 @@ class MasterProcess:
         times = self.ps.cpu_times()
         return times.user + times.system
 
+    def sched(self) -> tuple[float, float]:
+        """Seconds its threads ran, and waited runnable for a CPU (Linux schedstat)."""
+        assert self.proc is not None
+        ran = waited = 0.0
+        for task in Path(f"/proc/{self.proc.pid}/task").glob("*/schedstat"):
+            with contextlib.suppress(OSError, ValueError):
+                run_ns, wait_ns, _ = task.read_text().split()
+                ran += int(run_ns) / 1e9
+                waited += int(wait_ns) / 1e9
+        return ran, waited
+
     def rss(self) -> int:
         assert self.ps is not None
         return self.ps.memory_info().rss
