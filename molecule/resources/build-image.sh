@@ -66,7 +66,9 @@ remove_rootfs() {
 
 # Leftovers of a build that was killed (we hold the lock, so none is running).
 for stale in /var/tmp/rpicluster-rootfs.*; do
-    [[ -d $stale ]] && remove_rootfs "$stale"
+    if [[ -d $stale ]]; then
+        remove_rootfs "$stale"
+    fi
 done
 
 MIRROR=$(mirror)
