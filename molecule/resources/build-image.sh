@@ -58,7 +58,7 @@ fi
 # (proc, sys) so that rm never reaches into the host's own /proc or /sys.
 remove_rootfs() {
     local dir=$1 mnt
-    findmnt -rn -o TARGET | grep -F "$dir/" | sort -r | while read -r mnt; do
+    findmnt -rn -o TARGET | { grep -F "$dir/" || true; } | sort -r | while read -r mnt; do
         umount -l "$mnt" || true
     done
     rm -rf --one-file-system "$dir" "$dir.log"
