@@ -645,8 +645,11 @@ class Master:
             future = asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
             try:
                 future.result(timeout)
+            except concurrent.futures.TimeoutError:
+                log.error("master shutdown did not finish within %g s; stopping anyway", timeout)
+                self.loop.call_soon_threadsafe(self.loop.stop)
             except Exception as exc:  # still stop the loop and close the store
-                log.error("master shutdown incomplete: %s", exc)
+                log.error("master shutdown failed: %r; stopping anyway", exc)
                 self.loop.call_soon_threadsafe(self.loop.stop)
             thread.join(timeout)
         self.store.close(timeout)
