@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 
+import pytest
+
 from rpicluster import protocol as p
+from rpicluster.master import Master
+from rpicluster.master.store import StoreError
 from tests.helpers import wait_for
 
 
@@ -204,3 +209,19 @@ def test_history_is_pruned_to_the_window(master_factory, cluster_secret):
     assert [point["ts"] for point in points] == [now - 30, now - 1]
     sock.close()
     client.close()
+
+
+def test_unusable_state_dir_is_a_clear_error(make_config, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be")
+    config = make_config(master={"socket_bind_ip": "127.0.0.1", "state_dir": str(blocker)})
+    config = dataclasses.replace(config, master=dataclasses.replace(config.master, socket_port=0))
+    with pytest.raises(StoreError) as info:
+        Master(config).start()
+    assert "not-a-dir" in str(info.value) and "cannot open the master database" in str(info.value)
+
+
+def test_busy_port_is_a_clear_error(master, master_factory):
+    with pytest.raises(OSError) as info:
+        master_factory(port=master.port)
+    assert f"127.0.0.1:{master.port}" in str(info.value)
