@@ -166,7 +166,7 @@ def main(argv: Any = None) -> int:
         f" {(cpu_b - cpu_a) / max(msgs, 1) * 1e6:.1f} us of master CPU each",
         f"master threads waited runnable for a CPU {sched_b[1] - sched_a[1]:.1f} s and ran"
         f" {sched_b[0] - sched_a[0]:.1f} s of the {t_b - t_a:.1f} s measured (Linux schedstat):"
-        " waiting is CPU starvation by the machine, not work of the master",
+        " waiting is time the 2 shared cores (simulated slaves, other sessions) were busy",
         f"master RSS: max {rss_max / MB:.1f} MB,"
         f" median {statistics.median(rss_samples) / MB:.1f} MB while steady",
         f"heartbeat round trip: p50 {percentile(rtts_ms, 50):.2f} ms,"
