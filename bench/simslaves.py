@@ -282,7 +282,7 @@ class WorkerSpec:
     node_ids: list[str]
     interval: float
     ramp: float  # seconds over which the first connections are spread
-    backoff_base: float = 0.5
+    backoff_base: float = 1.0
     backoff_cap: float = 5.0
     seed: int = 0
     nice: int = 0  # scheduling niceness of the process (negative needs root)
@@ -383,7 +383,7 @@ class Fleet:
     processes: int
     ramp: float = 5.0
     prefix: str = "sim"
-    backoff_base: float = 0.5
+    backoff_base: float = 1.0
     backoff_cap: float = 5.0
     nice: int = 0
     _ctx: Any = field(default=None, repr=False)

@@ -16,7 +16,7 @@ from typing import Optional
 class Backoff:
     """Delays for successive attempts; :meth:`reset` after a success."""
 
-    def __init__(self, base: float = 0.5, cap: float = 5.0, rng: Optional[random.Random] = None):
+    def __init__(self, base: float = 1.0, cap: float = 5.0, rng: Optional[random.Random] = None):
         if base <= 0 or cap < base:
             raise ValueError(f"need 0 < base <= cap, got base={base} cap={cap}")
         self.base = base

@@ -70,7 +70,7 @@ class SlaveSettings:
     socket_port: int = DEFAULT_PORT
     roles: tuple[str, ...] = ("basic", "vitals")
     state_dir: str = DEFAULT_STATE_DIR
-    reconnect_base: float = 0.5
+    reconnect_base: float = 1.0
     reconnect_cap: float = 5.0
     vitals_interval: float = 5.0
 
@@ -231,7 +231,7 @@ def _read_slave(r: _Reader) -> SlaveSettings:
         roles = parse_roles(r.text(s, "roles", "basic, vitals"))
     except ValueError as exc:
         raise r.error(s, "roles", str(exc)) from None
-    base = r.number(s, "reconnect_base", 0.5, minimum=0.01, maximum=60)
+    base = r.number(s, "reconnect_base", 1.0, minimum=0.01, maximum=60)
     cap = r.number(s, "reconnect_cap", 5.0, minimum=0.01, maximum=3600)
     if cap < base:
         raise r.error(s, "reconnect_cap", f"{cap:g} must not be less than reconnect_base {base:g}")

@@ -193,7 +193,7 @@ class RpiBasicSlaveThread(threading.Thread):
         config: Optional[Config] = None,
         heartbeat_interval: float = 1.0,
         dead_after: Optional[float] = None,
-        reconnect_base: float = 0.5,
+        reconnect_base: float = 1.0,
         reconnect_cap: float = 5.0,
         handshake_timeout: float = 5.0,
         max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
