@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing as mp
 import os
 import queue
@@ -146,8 +147,13 @@ class MasterProcess:
         assert self.ps is not None
         return self.ps.memory_info().rss
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 20.0, crash: bool = False) -> None:
+        """SIGTERM (a planned stop: the master says goodbye), or SIGKILL with ``crash``."""
         if self.proc is None or self.proc.poll() is not None:
+            return
+        if crash:
+            self.proc.kill()
+            self.proc.wait(timeout)
             return
         self.proc.terminate()
         try:
@@ -254,6 +260,7 @@ class SimSlave(asyncio.Protocol):
                 self.worker.registrations.append(time.monotonic())
             elif kind == p.GOODBYE:
                 self.worker.goodbyes += 1
+                self.backoff.spread_fully()  # as the real slave does
             elif kind == p.ERROR:
                 self.worker.errors.append(message["code"])
 
@@ -365,6 +372,10 @@ def worker_main(spec: WorkerSpec, measure: Any, stop: Any, out: Any) -> None:
     os.setsid()  # a scheduling autogroup of its own, like the master's (see MasterProcess)
     if spec.nice:
         os.nice(spec.nice)
+    # The load generator must not add pauses of its own to the round trips it
+    # measures: a full collection over thousands of simulated slaves stalls this
+    # loop for 50-160 ms (seen with gc.callbacks). A bounded run's cycles can wait.
+    gc.disable()
     worker = Worker(spec, measure, stop)
     try:
         worker.loop.run_until_complete(worker.main())

@@ -36,3 +36,14 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+    def spread_fully(self) -> None:
+        """Draw the next delay from the whole window, 0..cap.
+
+        Called when the master says it is shutting down: every slave of the fleet
+        hears that goodbye in the same instant, and a restarted master may be back
+        within a fraction of a second, before a fleet drawing from 0..base would
+        have spread out. A planned restart costs at most ``cap`` seconds.
+        """
+        while self.ceiling() < self.cap:
+            self.attempt += 1

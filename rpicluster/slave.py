@@ -68,6 +68,7 @@ class _Link:
         self.closed = threading.Event()
         self.close_reason = ""
         self.error_code: Optional[str] = None
+        self.master_left = False  # the master said goodbye (a planned shutdown)
         self.pending: dict[int, list[Any]] = {}  # query id -> [Event, reply]
         self.pending_lock = threading.Lock()
         self.sent_at: dict[int, float] = {}  # heartbeat seq -> monotonic send time
@@ -165,6 +166,7 @@ class _Link:
             if message["code"] in (protocol.E_REPLACED, protocol.E_AUTH_FAILED):
                 self.close(f"master closed the connection ({message['code']})")
         elif kind == protocol.GOODBYE:
+            self.master_left = True
             self.close(f"master said goodbye: {message['reason'][:200]}")
         else:
             logger.debug("ignoring %s message from the master", kind)
@@ -356,6 +358,8 @@ class RpiBasicSlaveThread(threading.Thread):
                 # Another process claims this node id and role: do not flap with it.
                 self.stopping.wait(self.backoff.cap)
             else:
+                if link.master_left:
+                    self.backoff.spread_fully()
                 self.stopping.wait(self.backoff.next_delay())
         logger.info("role %s of node %s stopped", role, self.node_id)
 

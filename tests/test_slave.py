@@ -377,3 +377,35 @@ def test_from_config_with_an_unwritable_state_dir_names_the_key(tmp_path):
     config = parse_config(CONFIG.format(secret=SECRET, state_dir=blocker / "sub"), "t.cfg")
     with pytest.raises(ConfigError, match=r"t\.cfg: \[slave\] state_dir: .*state directory"):
         RpiBasicSlaveThread.from_config(config)
+
+
+def _count_spreads(slave: RpiBasicSlaveThread) -> list[int]:
+    calls: list[int] = []
+    original = slave.backoff.spread_fully
+
+    def spy() -> None:
+        calls.append(1)
+        original()
+
+    slave.backoff.spread_fully = spy  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_master_goodbye_spreads_the_reconnect_over_the_whole_window(master, make_slave):
+    """A planned master restart reaches every slave at once: they must not stampede it."""
+    slave = make_slave(master.port, secret=master.config.cluster.secret)
+    wait_for(slave.connected.is_set, what="connected")
+    spreads = _count_spreads(slave)
+    master.stop()
+    wait_for(lambda: spreads, what="the backoff spread after the master's goodbye")
+    assert slave.backoff.ceiling() == slave.backoff.cap
+
+
+def test_a_lost_connection_without_goodbye_retries_quickly(scripted, make_slave):
+    slave = make_slave(scripted.port)
+    wait_for(slave.connected.is_set, what="connected")
+    spreads = _count_spreads(slave)
+    scripted.close()  # the connection drops, no goodbye
+    wait_for(lambda: not slave.connected.is_set(), what="disconnected")
+    wait_for(lambda: slave.backoff.attempt >= 1, what="a reconnect attempt")
+    assert spreads == []

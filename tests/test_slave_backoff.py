@@ -19,9 +19,29 @@ def test_ceilings_double_from_base_up_to_the_cap():
     assert ceilings == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0]
 
 
-def test_first_retry_is_well_under_a_second():
-    delays = [Backoff(0.5, 5.0, rng=random.Random(seed)).next_delay() for seed in range(1000)]
-    assert max(delays) <= 0.5
+def test_first_retry_comes_within_a_second_with_the_defaults():
+    delays = [Backoff(rng=random.Random(seed)).next_delay() for seed in range(1000)]
+    assert max(delays) <= 1.0
+    assert statistics.median(delays) == pytest.approx(0.5, abs=0.05)
+
+
+def test_after_a_master_goodbye_the_next_delay_spans_the_whole_window():
+    """A planned master shutdown reaches the whole fleet at once: spread over 0..cap."""
+    backoff = Backoff(1.0, 5.0, rng=random.Random(7))
+    backoff.spread_fully()
+    assert backoff.ceiling() == 5.0
+    delays = []
+    for seed in range(2000):
+        fleet_member = Backoff(1.0, 5.0, rng=random.Random(seed))
+        fleet_member.spread_fully()
+        delays.append(fleet_member.next_delay())
+    # No 100 ms slice of the window holds more than 5 % of the fleet (uniform: 2 %).
+    slices = [0] * 50
+    for delay in delays:
+        slices[min(int(delay / 0.1), 49)] += 1
+    assert max(slices) < 0.05 * len(delays), max(slices)
+    backoff.reset()
+    assert backoff.ceiling() == 1.0
 
 
 def test_delays_are_spread_uniformly_over_the_window():
