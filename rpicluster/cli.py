@@ -179,19 +179,6 @@ def run_slave(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------- status
 
 
-def _ago(timestamp: Any, now: float) -> str:
-    if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool):
-        return "never"
-    seconds = max(0.0, now - timestamp)
-    if seconds < 120:
-        return f"{seconds:.0f} s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min ago"
-    if seconds < 172800:
-        return f"{seconds / 3600:.0f} h ago"
-    return f"{seconds / 86400:.0f} d ago"
-
-
 def _number(value: Any, fmt: str) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return format(value, fmt)
@@ -200,6 +187,8 @@ def _number(value: Any, fmt: str) -> str:
 
 def format_table(state: dict[str, Any], now: Optional[float] = None) -> str:
     """The cluster as a readable table, one row per node."""
+    from rpicluster import humanize  # not needed by the master or the slaves
+
     now = time.time() if now is None else now
     header = ("HOSTNAME", "NODE", "ROLES", "STATE", "LAST SEEN", "CPU %", "TEMP C")
     rows = [header]
@@ -215,7 +204,7 @@ def format_table(state: dict[str, Any], now: Optional[float] = None) -> str:
                 str(node.get("node_id", "?"))[:8],  # tells apart nodes sharing a hostname
                 ",".join(sorted(str(r) for r in node.get("roles") or [])) or "-",
                 state_word,
-                _ago(node.get("last_seen"), now),
+                humanize.ago(node.get("last_seen"), now),
                 _number(vitals.get("cpu_percent"), ".1f"),
                 _number(vitals.get("temperature"), ".1f"),
             )

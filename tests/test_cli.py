@@ -214,7 +214,7 @@ def test_table_formats_ages_missing_vitals_and_offline_nodes():
         "0b7c3d1e",
         "basic",
         "dead",
-        "7",
+        "6",  # 400 s: whole minutes elapsed, as the dashboard says
         "min",
         "ago",
         "-",

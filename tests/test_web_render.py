@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rpicluster.web import api, dashboard, humanize, svg
+from rpicluster import humanize
+from rpicluster.web import api, dashboard, svg
 from rpicluster.web.metrics import MetricsRenderer
 from rpicluster.web.state import BadReply, ClusterState, History, Snapshot, refresh
 

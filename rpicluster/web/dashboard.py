@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import quote
 
 import rpicluster
-from rpicluster.web import humanize
+from rpicluster import humanize
 from rpicluster.web.state import Snapshot, number, ram_total, vital
 from rpicluster.web.svg import auto_range, plot
 from rpicluster.web.svg import bucket_count as svg_bucket_count

@@ -1,4 +1,5 @@
-"""Numbers as people read them on the dashboard: "12 s ago", "1.2 GiB", "3 d 4 h"."""
+"""Numbers as people read them, on the dashboard and in ``rpicluster status``: "12 s ago",
+"1.2 GiB", "3 d 4 h"."""
 
 from __future__ import annotations
 
