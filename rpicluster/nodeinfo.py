@@ -51,11 +51,16 @@ def os_name(os_release: Optional[str] = None) -> str:
     return values.get("PRETTY_NAME") or values.get("NAME") or platform.system()
 
 
-def _cpu_freq() -> tuple[Optional[float], Optional[float]]:
+def cpu_freq() -> Optional[Any]:
+    """psutil's CPU frequency, or None where the board's kernel has no cpufreq."""
     try:
-        freq = psutil.cpu_freq()
+        return psutil.cpu_freq()
     except (OSError, NotImplementedError, AttributeError):
-        return None, None
+        return None
+
+
+def _cpu_freq_range() -> tuple[Optional[float], Optional[float]]:
+    freq = cpu_freq()
     if freq is None:
         return None, None
     return (freq.min or None), (freq.max or None)
@@ -66,7 +71,7 @@ def node_details() -> dict[str, Any]:
     """The node's details as sent in ``hello`` (JSON-ready; cached for the process)."""
     memory = psutil.virtual_memory()
     swap = psutil.swap_memory()
-    freq_min, freq_max = _cpu_freq()
+    freq_min, freq_max = _cpu_freq_range()
     return {
         "hostname": socket.gethostname(),
         "ram_total": memory.total,

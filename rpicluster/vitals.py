@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import psutil
 
+from rpicluster import nodeinfo
+
 THERMAL_DIR = "/sys/class/thermal"
 # Zone types that measure the SoC/CPU, best first (Raspberry Pi: "cpu-thermal").
 _CPU_ZONE_TYPES = ("cpu-thermal", "cpu_thermal", "soc_thermal", "x86_pkg_temp", "cpu", "soc")
@@ -90,11 +92,8 @@ class VitalsReader:
             disk_free, disk_total = disk.free, disk.total
         except OSError:
             disk_free = disk_total = None
-        try:
-            freq = psutil.cpu_freq()
-            cpu_freq = round(freq.current, 1) if freq else None
-        except (OSError, NotImplementedError, AttributeError):
-            cpu_freq = None
+        freq = nodeinfo.cpu_freq()
+        cpu_freq = round(freq.current, 1) if freq else None
         load1, load5, load15 = os.getloadavg()
         now = time.time()
         return {
