@@ -68,11 +68,15 @@ def load_or_create_node_id(state_dir: str) -> str:
             out.write(node_id + "\n")
             out.flush()
             os.fsync(out.fileno())
-        # Two processes starting at once: the first rename wins, both read it back.
-        if os.path.exists(path):
-            os.unlink(tmp)
+        # Two processes starting at once: link() refuses an existing name atomically
+        # (a check-then-rename would let both win), so the first one wins and the
+        # other reads its id back.
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
             return load_or_create_node_id(state_dir)
-        os.replace(tmp, path)
+        finally:
+            os.unlink(tmp)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
