@@ -1,20 +1,24 @@
 """One reading of a node's vitals: the numbers that change while a Pi runs.
 
 Cheap by design (a few reads under /proc and /sys, no subprocess, no sleep), so
-the ``vitals`` role stays well under 0.5 % of one core even on a Pi Zero.
-CPU % is measured between two calls, as ``top`` does: the first reading of a
-process says 0.0.
+the ``vitals`` role stays well under 0.5 % of one core even on a Pi Zero: every
+file that may or may not exist (thermal zone, the Pi's throttling word and
+under-voltage alarm, the cpufreq policy) is looked for once, when the reader is
+made. CPU % and the network and disk rates are measured between two calls, as
+``top`` does: the first reading of a process says 0.0 for the CPU and None for
+the rates.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import psutil
 
-from rpicluster import nodeinfo
+from rpicluster import nodeinfo, pisensors
+from rpicluster.rates import CounterRates, Counters, disk_counters, network_counters
 
 THERMAL_DIR = "/sys/class/thermal"
 # Zone types that measure the SoC/CPU, best first (Raspberry Pi: "cpu-thermal").
@@ -60,13 +64,31 @@ def read_temperature(temp_path: Optional[str]) -> Optional[float]:
 
 
 class VitalsReader:
-    """Takes readings; keeps what it found once (the thermal zone, the disk path)."""
+    """Takes readings; keeps what it found once (the sensor files, the disk path).
+
+    The directories and counter sources are parameters so that tests can hand
+    it a sysfs tree built in a temporary directory and counters with a clock.
+    """
 
     MIN_CPU_WINDOW = 0.2
 
-    def __init__(self, disk_path: str = "/", thermal_dir: str = THERMAL_DIR) -> None:
+    def __init__(
+        self,
+        disk_path: str = "/",
+        thermal_dir: str = THERMAL_DIR,
+        *,
+        platform_dir: str = pisensors.PLATFORM_DIR,
+        hwmon_dir: str = pisensors.HWMON_DIR,
+        cpu_dir: str = pisensors.CPU_DIR,
+        net_counters: Callable[[], Optional[Counters]] = network_counters,
+        io_counters: Callable[[], Optional[Counters]] = disk_counters,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.disk_path = disk_path
         self.temp_path = find_thermal_zone(thermal_dir)
+        self.pi = pisensors.PiSensors(platform_dir, hwmon_dir, cpu_dir)
+        self.net_rates = CounterRates(net_counters, 2, clock)
+        self.disk_rates = CounterRates(io_counters, 2, clock)
         psutil.cpu_percent(interval=None)  # start the CPU % window
         self._cpu_window_start: Optional[float] = time.monotonic()
 
@@ -84,7 +106,7 @@ class VitalsReader:
         return psutil.cpu_percent(interval=short if short > 0 else None)
 
     def read(self) -> dict[str, Any]:
-        """One reading: numbers, with ``temperature`` None where the board has no sensor."""
+        """One reading: numbers, None where the board lacks a sensor (README, "Vitals")."""
         memory = psutil.virtual_memory()
         swap = psutil.swap_memory()
         try:
@@ -92,8 +114,12 @@ class VitalsReader:
             disk_free, disk_total = disk.free, disk.total
         except OSError:
             disk_free = disk_total = None
-        freq = nodeinfo.cpu_freq()
-        cpu_freq = round(freq.current, 1) if freq else None
+        cpu_freq = self.pi.cpu_freq_mhz()
+        if cpu_freq is None:
+            freq = nodeinfo.cpu_freq()
+            cpu_freq = round(freq.current, 1) if freq else None
+        net_rx, net_tx = self.net_rates.rates()
+        disk_read, disk_write = self.disk_rates.rates()
         load1, load5, load15 = os.getloadavg()
         now = time.time()
         return {
@@ -110,4 +136,10 @@ class VitalsReader:
             "disk_total": disk_total,
             "uptime": round(now - psutil.boot_time(), 1),
             "temperature": read_temperature(self.temp_path),
+            "throttled": self.pi.throttled(),
+            "under_voltage_alarm": self.pi.under_voltage_alarm(),
+            "net_rx_bytes_per_s": net_rx,
+            "net_tx_bytes_per_s": net_tx,
+            "disk_read_bytes_per_s": disk_read,
+            "disk_write_bytes_per_s": disk_write,
         }
