@@ -11,7 +11,11 @@ the ``vitals`` role reads them every few seconds without running a program:
   differs by model and kernel (``/sys/devices/platform/soc/soc:firmware`` on a Pi
   4, another ``soc@...`` node on a Pi 5), so it is searched for under
   ``/sys/devices/platform``, once. Newer kernels mark the file deprecated in
-  favour of hwmon and log one warning per boot the first time it is read.
+  favour of hwmon and log one warning per boot the first time it is read. The
+  low 16 bits are live, the high 16 sticky; the firmware clears the sticky ones
+  when asked to, and the kernel's hwmon driver asks at each of its 2 s polls, so
+  with it loaded "since boot" can mean "in the last seconds" (raspberrypi/linux
+  issue 2367 and PR 2397; drivers/hwmon/raspberrypi-hwmon.c).
 - ``in0_lcrit_alarm`` of the hwmon device named ``rpi_volt``
   (drivers/hwmon/raspberrypi-hwmon.c, documented in the kernel's
   Documentation/hwmon/raspberrypi-hwmon.rst): 1 while the firmware reports
