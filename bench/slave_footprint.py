@@ -4,7 +4,8 @@ Starts a master and two slaves as subprocesses on 127.0.0.1: one launched the
 way the wheel's console script runs on a Pi, one from the dev venv's console
 script (whose editable-install import hooks cost extra RSS), waits until both
 are registered with vitals, then samples their RSS every second and their CPU
-time at both ends of the same window. Targets (issue 2): at most 20 MB RSS and 0.5 % of one core.
+time at both ends of the same window. Targets (issue 2, kept by issue 9 with the
+Pi health readings): at most 20 MB RSS and 0.5 % of one core.
 
     python -m bench.slave_footprint --seconds 60
 """
@@ -12,6 +13,7 @@ time at both ends of the same window. Targets (issue 2): at most 20 MB RSS and 0
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import statistics
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.master_load import cpu_pressure
 from bench.report import append
 from rpicluster.client import ClientError, MasterClient
 
@@ -87,8 +90,29 @@ def pi_like_python(workdir: Path) -> str:
 CONSOLE_SCRIPT = "import sys; from rpicluster.cli import slave_main; sys.exit(slave_main())"
 
 
-def wait_registered(port: int, node_id_file: Path, timeout: float = 30.0) -> str:
-    """Block until the slave's node is alive with a vitals reading; return its id."""
+# Keys of the issue 9 readings: the measured slaves must send them (None on a non-Pi).
+PI_READINGS = (
+    "throttled",
+    "under_voltage_alarm",
+    "net_rx_bytes_per_s",
+    "net_tx_bytes_per_s",
+    "disk_read_bytes_per_s",
+    "disk_write_bytes_per_s",
+)
+
+
+def latest_vitals(port: int, node_id: str) -> dict:
+    """The node's latest vitals at the master ({} when it cannot answer)."""
+    try:
+        with MasterClient("127.0.0.1", port, SECRET, timeout=5) as client:
+            nodes = client.cluster_state()["nodes"]
+    except ClientError:
+        return {}
+    return next((node["vitals"] or {} for node in nodes if node["node_id"] == node_id), {})
+
+
+def wait_registered(port: int, node_id_file: Path, timeout: float = 30.0) -> tuple[str, dict]:
+    """Block until the slave's node is alive with a vitals reading; return id and vitals."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if node_id_file.exists():
@@ -100,7 +124,7 @@ def wait_registered(port: int, node_id_file: Path, timeout: float = 30.0) -> str
                 nodes = []
             for node in nodes:
                 if node["node_id"] == node_id and node["state"] == "alive" and node["vitals"]:
-                    return node_id
+                    return node_id, node["vitals"]
         time.sleep(0.2)
     raise SystemExit(f"a slave did not register with vitals within {timeout:g} s")
 
@@ -120,11 +144,18 @@ def measure(seconds: float) -> list[str]:
         [*command("rpicluster-master", ["master"]), "--config", str(master_cfg)], **quiet
     )
     procs: dict[str, subprocess.Popen] = {}
+    load_before = os.getloadavg()[0]
     try:
         for name, config in zip(names, slave_cfgs):
             procs[name] = subprocess.Popen([*commands[name], "--config", str(config)], **quiet)
+        vitals, node_ids = {}, {}
         for name in names:
-            wait_registered(port, workdir / f"state-{name}" / "node_id")
+            node_ids[name], vitals[name] = wait_registered(
+                port, workdir / f"state-{name}" / "node_id"
+            )
+            missing = [key for key in PI_READINGS if key not in vitals[name]]
+            if missing:
+                raise SystemExit(f"the {name} slave sends no {', '.join(missing)}")
         handles = {name: psutil.Process(proc.pid) for name, proc in procs.items()}
         time.sleep(2.0)  # let the start-up work (imports, first readings) settle
         start_cpu = {name: h.cpu_times() for name, h in handles.items()}
@@ -139,6 +170,8 @@ def measure(seconds: float) -> list[str]:
         uss = {name: h.memory_full_info().uss for name, h in handles.items()}
         threads = {name: h.num_threads() for name, h in handles.items()}
         alive = all(proc.poll() is None for proc in procs.values())
+        psi = cpu_pressure()
+        last = latest_vitals(port, node_ids["pi"])  # a later reading: the rates have values
     finally:
         for proc in [*procs.values(), master]:
             proc.terminate()
@@ -151,9 +184,14 @@ def measure(seconds: float) -> list[str]:
         "pi": "as installed on a Pi (plain sys.path, console script)",
         "dev": "dev venv (editable install, .venv/bin/rpicluster-slave)",
     }
+    present = [key for key in PI_READINGS if last.get(key) is not None]
     lines = [
         "slaves: roles basic,vitals; heartbeat 1 s, vitals every 5 s (defaults);"
         f" {threads['pi']} threads each; both measured in the same {elapsed:.1f} s window",
+        f"vitals: {len(vitals['pi'])} keys with the Pi readings ({', '.join(PI_READINGS)});"
+        f" with a value in the last reading on this machine: {', '.join(present) or 'none'}",
+        f"machine load average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f},"
+        f" CPU pressure (PSI some avg60) {psi} (other sessions share these cores)",
     ]
     for name in names:
         before, after = start_cpu[name], end_cpu[name]
