@@ -365,3 +365,60 @@ def test_node_details_carry_model_and_os_codename():
     assert details["os_codename"] == nodeinfo.os_codename()
     for key in ("os", "kernel", "python_version", "rpicluster_version"):
         assert isinstance(details[key], str) and details[key], key
+
+
+# --- edges a reading must survive -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "alarm"), [("0\n", 0), ("1\n", 1), ("2\n", 1), ("", None)])
+def test_any_non_zero_hwmon_alarm_is_an_alarm(tmp_path, text, alarm):
+    assert pisensors.read_alarm(str(write(tmp_path / "in0_lcrit_alarm", text))) == alarm
+
+
+def test_an_unreadable_cpufreq_policy_is_not_taken(tmp_path):
+    cpu = tmp_path / "cpu"
+    write(cpu / "cpufreq/policy0/scaling_cur_freq", "\n")
+    assert pisensors.find_cpu_freq_file(str(cpu)) is None
+    assert pisensors.read_cpu_freq_mhz(None) is None
+    assert pisensors.read_cpu_freq_mhz(str(write(tmp_path / "khz", "1234567\n"))) == 1234.6
+
+
+def test_the_throttled_search_takes_the_shallowest_file_and_skips_directories(tmp_path):
+    platform = tmp_path / "platform"
+    (platform / "aaa/get_throttled").mkdir(parents=True)  # a directory of that name
+    write(platform / "zzz/deeper/get_throttled", "4\n")
+    write(platform / "mmm/get_throttled", "5\n")
+    assert pisensors.find_throttled_file(str(platform)) == str(platform / "mmm/get_throttled")
+
+
+def test_pi_sensors_found_once_keep_reading_the_same_files(tmp_path):
+    root = pi4_sys(tmp_path)
+    sensors = pisensors.PiSensors(
+        str(root / "devices/platform"), str(root / "class/hwmon"), str(root / "devices/system/cpu")
+    )
+    assert (sensors.throttled(), sensors.under_voltage_alarm(), sensors.cpu_freq_mhz()) == (
+        0x50005,
+        1,
+        1500.0,
+    )
+    write(root / "devices/platform/soc/soc:firmware/get_throttled", "50000\n")  # recovered
+    write(root / "class/hwmon/hwmon1/in0_lcrit_alarm", "0\n")
+    assert sensors.throttled() == 0x50000 and sensors.under_voltage_alarm() == 0
+    assert pihealth.warnings({"throttled": 0x50000}) == [
+        "under-voltage since boot",
+        "throttled since boot",
+    ]
+    (root / "class/hwmon/hwmon1/in0_lcrit_alarm").unlink()  # the driver went away
+    assert sensors.under_voltage_alarm() is None
+
+
+def test_the_cpu_frequency_falls_back_to_psutil_when_sysfs_fails(tmp_path, monkeypatch):
+    root = pi4_sys(tmp_path)
+    reader = reader_for(root)
+    write(root / "devices/system/cpu/cpufreq/policy0/scaling_cur_freq", "\n")
+    monkeypatch.setattr(
+        nodeinfo, "cpu_freq", lambda: type("F", (), {"current": 1199.96})(), raising=True
+    )
+    assert reader.read()["cpu_freq_mhz"] == 1200.0
+    monkeypatch.setattr(nodeinfo, "cpu_freq", lambda: None)
+    assert reader.read()["cpu_freq_mhz"] is None
