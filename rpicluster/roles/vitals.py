@@ -12,7 +12,12 @@ DEFAULT_VITALS_INTERVAL = 5.0
 
 
 class VitalsSlaveThread(RpiBasicSlaveThread):
-    """Sends one ``vitals`` message (CPU, load, memory, disk, temperature) per interval."""
+    """Sends one ``vitals`` message per interval: CPU, load, memory, disk, temperature,
+    the Pi's throttling word and under-voltage alarm, network and disk rates.
+
+    One reader for the thread's life: it finds the sensor files once, and the
+    rates are differences to its previous reading.
+    """
 
     role = "vitals"
 
