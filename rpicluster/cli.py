@@ -59,7 +59,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    """One line per record, whatever a node put in a logged value (see OneLineFormatter)."""
+    from rpicluster.displayable import OneLineFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def _load(path: str, need: str) -> Optional[Config]:
@@ -180,46 +185,85 @@ def run_slave(args: argparse.Namespace) -> int:
 
 
 def _number(value: Any, fmt: str) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return format(value, fmt)
-    return "-"
+    from rpicluster.displayable import number
+
+    n = number(value)
+    return "-" if n is None else format(n, fmt)
+
+
+def _warnings(node: dict[str, Any]) -> str:
+    """The WARNINGS cell: duplicate id/name flags (contract 1), then power and heat."""
+    from rpicluster import pihealth
+
+    found = []
+    if node.get("duplicate_id") is True:
+        found.append("DUPLICATE ID")
+    if node.get("duplicate_name") is True:
+        found.append("duplicate name")
+    vitals = node.get("vitals")
+    found += pihealth.warnings(vitals if isinstance(vitals, dict) else None)
+    return ", ".join(found) or "-"
+
+
+def _store_summary(master: dict[str, Any]) -> str:
+    """ "store ok" or "STORE FAILING: <error>" (contract 4); "" from an older master."""
+    from rpicluster.displayable import text
+
+    store = master.get("store")
+    if not isinstance(store, dict):
+        return ""
+    if store.get("ok") is True:
+        return "store ok"
+    return "STORE FAILING" + (f": {text(store.get('error'))}" if store.get("error") else "")
 
 
 def format_table(state: dict[str, Any], now: Optional[float] = None) -> str:
-    """The cluster as a readable table, one row per node."""
+    """The cluster as a readable table, one row per node, named by its node name.
+
+    Every cell goes through :func:`rpicluster.displayable.text`: whatever a node
+    sent (an old database may hold newlines, terminal escapes, lone surrogates,
+    huge numbers) prints as one inert line and never raises.
+    """
     from rpicluster import humanize  # not needed by the master or the slaves
+    from rpicluster.displayable import node_name, text
 
     now = time.time() if now is None else now
-    header = ("HOSTNAME", "NODE", "ROLES", "STATE", "LAST SEEN", "CPU %", "TEMP C")
+    header = ("NAME", "NODE", "ROLES", "STATE", "LAST SEEN", "CPU %", "TEMP C", "WARNINGS")
     rows = [header]
-    nodes = state.get("nodes", [])
-    for node in sorted(nodes, key=lambda n: (str(n.get("hostname")), str(n.get("node_id")))):
-        vitals = node.get("vitals") or {}
-        state_word = str(node.get("state", "?"))
+    nodes = [n for n in state.get("nodes") or [] if isinstance(n, dict)]
+    for node in sorted(nodes, key=lambda n: (node_name(n), str(n.get("node_id")))):
+        vitals = node.get("vitals") if isinstance(node.get("vitals"), dict) else {}
+        state_word = text(node.get("state", "?"), 16)
         if node.get("connected") is False and state_word in ("alive", "suspect"):
             state_word += " (offline)"
+        roles = node.get("roles") if isinstance(node.get("roles"), list) else []
         rows.append(
             (
-                str(node.get("hostname") or "?"),
-                str(node.get("node_id", "?"))[:8],  # tells apart nodes sharing a hostname
-                ",".join(sorted(str(r) for r in node.get("roles") or [])) or "-",
+                text(node_name(node), 64),
+                text(node.get("node_id", "?"))[:8],  # tells apart nodes sharing a name
+                text(",".join(sorted(text(r, 32) for r in roles[:16])), 64) or "-",
                 state_word,
                 humanize.ago(node.get("last_seen"), now),
                 _number(vitals.get("cpu_percent"), ".1f"),
                 _number(vitals.get("temperature"), ".1f"),
+                _warnings(node),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
     ]
-    master = state.get("master") or {}
-    summary = f"master {master.get('hostname', '?')}: {len(rows) - 1} node(s)"
+    master = state.get("master") if isinstance(state.get("master"), dict) else {}
+    summary = f"master {text(master.get('hostname', '?'), 64)}: {len(rows) - 1} node(s)"
     counts: dict[str, int] = {}
-    for node in state.get("nodes", []):
-        counts[str(node.get("state"))] = counts.get(str(node.get("state")), 0) + 1
+    for node in nodes:
+        word = text(node.get("state"), 16)
+        counts[word] = counts.get(word, 0) + 1
     if counts:
         summary += " (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")"
+    store = _store_summary(master)
+    if store:
+        summary += f"; {store}"
     return "\n".join([summary, *lines])
 
 
@@ -241,6 +285,9 @@ def run_status(args: argparse.Namespace) -> int:
     except ClientError as exc:
         print(f"rpicluster status: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    # A terminal that cannot show a character gets an escape, never a traceback.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     if args.json:
         print(json.dumps(state, indent=2, sort_keys=True))
     else:

@@ -208,6 +208,7 @@ def test_table_formats_ages_missing_vitals_and_offline_nodes():
         "ago",
         "12.3",
         "48.0",
+        "-",
     ]
     assert lines[3].split() == [
         "rpi-node-02",
@@ -217,6 +218,7 @@ def test_table_formats_ages_missing_vitals_and_offline_nodes():
         "6",  # 400 s: whole minutes elapsed, as the dashboard says
         "min",
         "ago",
+        "-",
         "-",
         "-",
     ]

@@ -449,8 +449,8 @@ def test_metrics_parse_and_carry_node_and_master_figures():
     assert states[("b", "dead")] == 1.0 and states[("b", "alive")] == 0.0
     temps = {s.labels["node_id"]: s.value for s in families["rpicluster_node_temperature_celsius"]}
     assert temps == {"a": 48.2}  # no sensor: no sample rather than a made-up value
-    hostnames = {s.labels["hostname"] for s in families["rpicluster_node_up"]}
-    assert 'pi "b"\n' in hostnames
+    names = {s.labels["name"] for s in families["rpicluster_node_up"]}
+    assert 'pi "b"\\n' in names  # one line: the newline is shown as an escape
     age = families["rpicluster_node_last_seen_age_seconds"][0].value
     assert 11 < age < 20
     assert families["rpicluster_master_messages"][0].value == 1234

@@ -194,7 +194,7 @@ def test_metrics_parse_as_prometheus_exposition(cluster):
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     up = {s.labels["node_id"]: s.value for s in families["rpicluster_node_up"].samples}
     assert up == {n: 1.0 for n in [s.node_id for s in cluster.slaves] + [cluster.web.node_id]}
-    cpu = {s.labels["node_id"] for s in families["rpicluster_node_cpu_percent"].samples}
+    cpu = {s.labels["node_id"] for s in families["rpicluster_node_cpu_usage_ratio"].samples}
     assert cpu == {s.node_id for s in cluster.slaves}
     assert families["rpicluster_master_connections_open"].samples[0].value >= 4
     assert families["rpicluster_master_messages"].type == "counter"

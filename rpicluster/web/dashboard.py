@@ -1,7 +1,13 @@
 """The dashboard's HTML: the cluster page (``/``) and one page per node.
 
-Everything that comes from a node (hostname, roles, details, errors) is
-HTML-escaped; node ids in links are URL-quoted. The page refreshes itself: a
+Everything that comes from a node (name, hostname, roles, details, errors) goes
+through one choke point, :func:`_e`: made displayable first (one bounded line,
+control characters and lone surrogates shown as escapes, see
+:mod:`rpicluster.displayable`), then HTML-escaped; node ids in links are
+URL-quoted. Why not a template engine: the Pi's runtime is stdlib + psutil, and
+the stdlib has no autoescaping templates (``string.Template`` escapes nothing);
+every node-derived value is interpolated through ``_e`` and the tests render
+poisoned nodes through every page. The page refreshes itself: a
 ten-line inline script (allowed by its hash in the Content-Security-Policy, no
 library) reloads it as soon as the webserver holds a newer snapshot; without
 JavaScript a ``<meta http-equiv="refresh">`` reloads it every ``refresh_interval``
@@ -21,7 +27,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import quote
 
 import rpicluster
-from rpicluster import humanize
+from rpicluster import displayable, humanize, pihealth
 from rpicluster.web.state import Snapshot, number, ram_total, vital
 from rpicluster.web.svg import auto_range, plot
 from rpicluster.web.svg import bucket_count as svg_bucket_count
@@ -95,16 +101,47 @@ text-align:right;overflow-wrap:anywhere}
 footer{color:var(--muted);font-size:12px;padding:0 24px 24px}
 .empty{padding:24px;text-align:center;color:var(--muted)}
 .stale tbody{opacity:.6}
+.badge{display:inline-block;padding:0 7px;margin:1px 2px 1px 0;border-radius:4px;font-size:12px;
+font-weight:600;border:1px solid currentColor;white-space:nowrap}
+.badge.warn{color:var(--suspect);background:var(--suspect-bg)}
+.badge.bad{color:var(--dead);background:var(--dead-bg)}
+.badges{display:block;margin-top:2px}
 """
 
 
-def _e(value: Any) -> str:
-    """Any value as escaped HTML text."""
-    return escape(value if isinstance(value, str) else str(value), quote=True)
+def _e(value: Any, limit: int = displayable.MAX_TEXT) -> str:
+    """Any value as escaped HTML text: the one choke point for node data in HTML."""
+    return escape(displayable.text(value, limit), quote=True)
 
 
 def node_href(node_id: str) -> str:
-    return "/nodes/" + quote(node_id, safe="")
+    """The node page's URL (any id quotes: lone surrogates round-trip as in http._node_id)."""
+    return "/nodes/" + quote(node_id, safe="", errors="surrogatepass")
+
+
+def _href(node_id: str) -> str:
+    return escape(node_href(node_id), quote=True)
+
+
+def health_badges(node: Mapping[str, Any]) -> str:
+    """Warning badges: duplicate name or id (contract 1), then power and heat
+    (:func:`rpicluster.pihealth.warnings`; "now" is red, "since boot" amber)."""
+    badges = []
+    if node.get("duplicate_id") is True:
+        badges.append(
+            '<span class="badge bad" data-flag="duplicate_id" title="two machines claim this '
+            'node id (a copied SD card?)">duplicate id</span>'
+        )
+    if node.get("duplicate_name") is True:
+        badges.append(
+            '<span class="badge warn" data-flag="duplicate_name" title="another node has this '
+            'name">duplicate name</span>'
+        )
+    vitals = node.get("vitals")
+    for warning in pihealth.warnings(dict(vitals) if isinstance(vitals, Mapping) else None):
+        level = "bad" if warning.endswith(" now") else "warn"
+        badges.append(f'<span class="badge {level}" data-flag="health">{_e(warning)}</span>')
+    return "".join(badges)
 
 
 def short_id(node_id: str) -> str:
@@ -294,7 +331,24 @@ def _header(snap: Snapshot, now_local: float, title_html: str) -> str:
     )
 
 
+def _store_banner(snap: Snapshot) -> str:
+    """The master's store health (contract 4): a banner when it does not save."""
+    store = snap.master.get("store")
+    if not isinstance(store, Mapping) or store.get("ok") is not False:
+        return ""
+    error = store.get("error")
+    reason = f": {_e(error)}" if error else ""
+    return (
+        '<div class="banner" role="alert" id="store-failing"><b>The master\'s store is not '
+        f"saving</b>{reason}. Vitals history may be lost.</div>"
+    )
+
+
 def _banner(snap: Snapshot, stale_after: float, now_local: float) -> str:
+    return _store_banner(snap) + _master_banner(snap, stale_after, now_local)
+
+
+def _master_banner(snap: Snapshot, stale_after: float, now_local: float) -> str:
     since = snap.master_unreachable_since(stale_after)
     if since is None:
         if snap.fetched_at is None:
@@ -312,23 +366,33 @@ def _banner(snap: Snapshot, stale_after: float, now_local: float) -> str:
 
 
 def _roles(node: Mapping[str, Any]) -> str:
-    roles = node.get("roles")
-    if not isinstance(roles, list) or not roles:
+    roles = _list(node.get("roles"))
+    if not roles:
         return humanize.DASH
     return "".join(f'<span class="role">{_e(r)}</span>' for r in roles)
+
+
+def _list(value: Any) -> list[Any]:
+    """A list field as a bounded list (anything else is no items)."""
+    return list(value[: displayable.MAX_TREE_ITEMS]) if isinstance(value, list) else []
 
 
 def _node_row(snap: Snapshot, node: Mapping[str, Any], now: float, window: float) -> str:
     node_id = str(node.get("node_id"))
     state = node.get("state")
     v = node.get("vitals") if isinstance(node.get("vitals"), Mapping) else None
-    hostname = node.get("hostname") or node.get("address") or node_id
+    name = displayable.node_name(node)
+    hostname = node.get("hostname")
+    also = f" \u00b7 {_e(hostname)}" if isinstance(hostname, str) and hostname != name else ""
     loads = tuple(vital(v, k) for k in ("load_1", "load_5", "load_15"))
+    badges = health_badges(node)
     cells = [
-        f'<td><a class="host" href="{_e(node_href(node_id))}">{_e(hostname)}</a>'
-        f'<span class="id" title="{_e(node_id)}">{_e(short_id(node_id))}</span></td>',
+        f'<td><a class="host" href="{_href(node_id)}">{_e(name)}</a>'
+        f'<span class="id" title="{_e(node_id)}">{_e(short_id(node_id))}{also}</span></td>',
         f"<td>{_roles(node)}</td>",
-        f"<td>{state_badge(state)}</td>",
+        f"<td>{state_badge(state)}"
+        + (f'<span class="badges">{badges}</span>' if badges else "")
+        + "</td>",
         f'<td class="seen">{_e(humanize.ago(number(node.get("last_seen")), now))}</td>',
         f'<td class="num">{_e(humanize.duration(vital(v, "uptime")))}</td>',
         f'<td class="num">{_e(humanize.percent(vital(v, "cpu_percent")))}</td>',
@@ -352,8 +416,9 @@ def _footer(snap: Snapshot) -> str:
     parts = [f"rpicluster {_e(rpicluster.__version__)}"]
     if isinstance(counters, Mapping):
         for key, value in sorted(counters.items()):
-            if number(value) is not None:
-                parts.append(f"{_e(key.replace('_', ' '))}: {value:g}")
+            n = number(value)
+            if n is not None:
+                parts.append(f"{_e(str(key).replace('_', ' '))}: {n:g}")
     return "<footer>" + " \u00b7 ".join(parts) + "</footer>"
 
 
@@ -388,15 +453,18 @@ def render_dashboard(
     return _page(title, body, refresh_seconds(refresh_interval), snap.version)
 
 
-def _fact(name: str, value: Any) -> str:
-    name = name.replace("_", " ")
+FACT_LIMIT = 1024  # characters of one fact shown on the node page
+
+
+def _fact(name: Any, value: Any) -> str:
+    name = displayable.text(name).replace("_", " ")
     if isinstance(value, bool):
         value = "yes" if value else "no"
     elif isinstance(value, (dict, list)):
-        value = json.dumps(value, sort_keys=True)
+        value = json.dumps(displayable.tree(value, 4), sort_keys=True)
     elif value is None:
         value = humanize.DASH
-    return f"<div><dt>{_e(name)}</dt><dd>{_e(value)}</dd></div>"
+    return f"<div><dt>{_e(name)}</dt><dd>{_e(value, FACT_LIMIT)}</dd></div>"
 
 
 def _section(title: str, facts_html: str) -> str:
@@ -408,6 +476,10 @@ def _describe(key: str, value: Any) -> Any:
     n = number(value)
     if n is None:
         return value
+    if key.endswith("_bytes_per_s"):
+        return humanize.rate(n)
+    if key == "cpu_freq_mhz":
+        return humanize.frequency(n)
     if key.startswith(("ram_", "mem_", "swap_", "disk_")):
         return humanize.size(n)
     if key == "uptime":
@@ -433,11 +505,13 @@ def render_node(
     now = snap.now()
     now_local = now - snap.clock_offset
     node_id = str(node.get("node_id"))
-    hostname = node.get("hostname") or node.get("address") or node_id
+    name = displayable.node_name(node)
     facts = [
+        _fact("name", name),
         _fact("node id", node_id),
+        _fact("hostname", node.get("hostname")),
         _fact("address", node.get("address")),
-        _fact("roles", ", ".join(map(str, node.get("roles") or [])) or None),
+        _fact("roles", ", ".join(displayable.text(r) for r in _list(node.get("roles"))) or None),
         _fact("state", node.get("state")),
         _fact("connected", node.get("connected")),
         _fact("last seen", humanize.ago(number(node.get("last_seen")), now)),
@@ -460,8 +534,8 @@ def render_node(
     )
     vitals = node.get("vitals") if isinstance(node.get("vitals"), Mapping) else {}
     details = node.get("details") if isinstance(node.get("details"), Mapping) else {}
-    vitals_html = "".join(_fact(k, _describe(k, v)) for k, v in sorted(vitals.items()))
-    details_html = "".join(_fact(k, _describe(k, v)) for k, v in sorted(details.items()))
+    vitals_html = "".join(_fact(k, _describe(k, v)) for k, v in _items(vitals))
+    details_html = "".join(_fact(k, _describe(k, v)) for k, v in _items(details))
     errors = node.get("action_errors")
     errors_html = ""
     if isinstance(errors, Mapping) and errors:
@@ -478,20 +552,60 @@ def render_node(
             )
             + "</dl></div>"
         )
-    title_html = f'<a href="/">rpicluster</a> / {_e(hostname)} {state_badge(node.get("state"))}'
+    badges = health_badges(node)
+    title_html = f'<a href="/">rpicluster</a> / {_e(name)} {state_badge(node.get("state"))}' + (
+        f' <span class="badges" id="health">{badges}</span>' if badges else ""
+    )
     body = (
         _header(snap, now_local, title_html)
         + "<main>"
         + _banner(snap, stale_after, now_local)
         + f'<div class="card"><dl class="facts">{"".join(facts)}</dl></div>'
         + f'<h2>Vitals history</h2><div class="plots">{figures}</div>'
+        + _section("Power, heat and I/O", _pi_health(vitals))
         + _section("Latest vitals", vitals_html or _fact("vitals", None))
         + _section("Details", details_html or _fact("details", None))
         + errors_html
         + "</main>"
         + _footer(snap)
     )
-    return _page(f"rpicluster: {hostname}", body, refresh_seconds(refresh_interval), snap.version)
+    return _page(f"rpicluster: {name}", body, refresh_seconds(refresh_interval), snap.version)
+
+
+def _items(mapping: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """A mapping's items sorted by key, at most MAX_TREE_ITEMS of them."""
+    items = [(displayable.text(k), v) for k, v in mapping.items()]
+    return sorted(items, key=lambda kv: kv[0])[: displayable.MAX_TREE_ITEMS]
+
+
+# (label, vital, formatter) of the node page's "Power, heat and I/O" section.
+PI_HEALTH_FACTS: tuple[tuple[str, str, Callable[[Optional[float]], str]], ...] = (
+    ("temperature", "temperature", humanize.temperature),
+    ("CPU frequency", "cpu_freq_mhz", humanize.frequency),
+    ("network in", "net_rx_bytes_per_s", humanize.rate),
+    ("network out", "net_tx_bytes_per_s", humanize.rate),
+    ("disk reads", "disk_read_bytes_per_s", humanize.rate),
+    ("disk writes", "disk_write_bytes_per_s", humanize.rate),
+    ("disk free", "disk_free", humanize.size),
+    ("disk size", "disk_total", humanize.size),
+)
+
+
+def _pi_health(vitals: Mapping[str, Any]) -> str:
+    """Throttling conditions (now / since boot), clock, temperature and I/O rates."""
+    found = pihealth.conditions(dict(vitals))
+    facts = []
+    for condition in pihealth.CONDITIONS:
+        state = found.get(condition.key)
+        if state is None:
+            value = "unknown"
+        elif state["now"]:
+            value = "NOW"
+        else:
+            value = "since boot" if state["since_boot"] else "no"
+        facts.append(_fact(condition.label, value))
+    facts += [_fact(label, fmt(vital(vitals, key))) for label, key, fmt in PI_HEALTH_FACTS]
+    return "".join(facts)
 
 
 def render_not_found(what: str) -> str:

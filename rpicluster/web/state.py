@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from rpicluster import displayable
+
 log = logging.getLogger(__name__)
 
 # Field names we read from a vitals dict, with the older/other spellings we accept.
@@ -59,11 +61,9 @@ class BadReply(ValueError):
 
 
 def number(value: Any) -> Optional[float]:
-    """``value`` as a float when it is a real, finite JSON number, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+    """``value`` as a float when it is a real, finite JSON number, else None
+    (a 400-digit integer too: see :func:`rpicluster.displayable.number`)."""
+    return displayable.number(value)
 
 
 def vital(vitals: Optional[Mapping[str, Any]], name: str) -> Optional[float]:
@@ -320,7 +320,7 @@ def fetch_cluster(request: Request) -> tuple[dict[str, Any], list[dict[str, Any]
         offset = following
     else:
         raise BadReply(f"cluster reply: more than {MAX_CLUSTER_PAGES} pages")
-    nodes.sort(key=lambda n: (str(n.get("hostname") or ""), n["node_id"]))
+    nodes.sort(key=lambda n: (displayable.node_name(n), n["node_id"]))
     return master, nodes
 
 
