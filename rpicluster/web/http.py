@@ -1,26 +1,33 @@
-"""The webserver role's HTTP server: stdlib ``ThreadingHTTPServer``, no framework.
+"""The webserver role's HTTP server: stdlib only (selectors, a few threads), no framework.
 
 Routes: ``/`` dashboard, ``/nodes/<id>`` node page, ``/api/nodes`` and
 ``/api/nodes/<id>`` JSON, ``/metrics`` Prometheus, ``/healthz`` probe. Every
 response is rendered from the current :class:`~rpicluster.web.state.Snapshot`, so
 requests never wait on the master. Unknown paths get 404; an unknown node id gets a
-404 (JSON ``{"error": ...}`` under ``/api``). Only GET and HEAD are allowed.
+404 (JSON ``{"error": ...}`` under ``/api``), as is a malformed one. Only GET
+and HEAD are allowed. ``/healthz`` answers 503 when the master says its store does
+not save. Idle, slow or numerous clients cannot exhaust the server: see
+:class:`DashboardServer` for its bounds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import logging
+import queue
+import selectors
 import socket
-import sys
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Optional
 from urllib.parse import unquote, urlsplit
 
 import rpicluster
+from rpicluster import displayable
 from rpicluster.web import api, dashboard
 from rpicluster.web.metrics import MetricsRenderer
 from rpicluster.web.state import ClusterState, Snapshot
@@ -28,6 +35,15 @@ from rpicluster.web.state import ClusterState, Snapshot
 log = logging.getLogger(__name__)
 
 MAX_NODE_ID_LENGTH = 256
+# The server's bounds; see DashboardServer and the README's dashboard section.
+MAX_CONNECTIONS = 256  # open client connections (systemd's default fd limit is 1,024)
+HEADER_TIMEOUT = 10.0  # seconds for a complete request head (and keep-alive idle)
+SEND_TIMEOUT = 10.0  # seconds for a response to leave
+MAX_HEAD_BYTES = 16 * 1024  # request line and headers
+WORKERS = 4  # rendering threads
+LISTEN_BACKLOG = 128  # a burst of browsers and scrapers must not see refused connections
+SEND_CHUNK = 256 * 1024  # bytes handed to one send() call
+REFUSE_DRAIN_BYTES = 256 * 1024  # unread input discarded before closing a refused request
 GZIP_MIN_BYTES = 4096  # smaller bodies are not worth compressing
 # The page embeds its CSS and SVGs; the one script allowed is the reload poller, by hash.
 SECURITY_HEADERS = {
@@ -48,12 +64,45 @@ class DashboardSettings:
         self.stale_after = stale_after
 
 
-class DashboardServer(ThreadingHTTPServer):
-    """A threading HTTP server that knows the cluster state it serves."""
+class _Connection:
+    """One client connection and where it is: reading a head, at a worker, or sending."""
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128  # a burst of browsers and scrapers must not see refused connections
+    __slots__ = ("sock", "address", "buffer", "out", "deadline", "close_after")
+
+    def __init__(self, sock: socket.socket, address: Any) -> None:
+        self.sock = sock
+        self.address = address
+        self.buffer = b""  # bytes received and not yet part of a dispatched request
+        self.out: Optional[memoryview] = None  # the response still to send
+        self.deadline = 0.0
+        self.close_after = False
+
+
+class DashboardServer:
+    """An event-loop HTTP server with a bounded pool of rendering threads.
+
+    Why not ``ThreadingHTTPServer``: it gives every connection a thread that
+    blocks reading the request, so 1,100 idle sockets meant 1,022 threads,
+    175 MB and no answer to health probes. Here one thread (``serve_forever``)
+    owns every socket, non-blocking: it reads request heads, and only a complete
+    head goes to one of ``workers`` threads, which renders the response into
+    memory; the loop then sends it. Idle and slow clients therefore cost a few
+    KiB each and never a thread. The bounds (documented in the README's
+    dashboard section, tested in tests/test_web_under_load.py):
+
+    - ``max_connections`` open client connections (default 256, well below the
+      1,024 file descriptors systemd allows by default). A new connection at the
+      cap closes the connection that has waited longest for its request head
+      (idle keep-alive or slowloris), so a fresh probe always gets in; when every
+      connection is busy at a worker or sending, the new one is closed;
+    - ``header_timeout`` seconds (default 10) for a complete request head,
+      counted from the connection or the previous response (keep-alive idle);
+    - ``send_timeout`` seconds (default 10) for a response to leave;
+    - MAX_HEAD_BYTES (16 KiB) per request head (431 beyond), bodies are not read
+      (a request announcing one is answered, then the connection is closed);
+    - ``workers`` rendering threads (default 4); requests waiting for a worker are
+      bounded by ``max_connections``, as a connection has one request in flight.
+    """
 
     def __init__(
         self,
@@ -61,17 +110,73 @@ class DashboardServer(ThreadingHTTPServer):
         state: ClusterState,
         settings: DashboardSettings,
         connected: Optional[Callable[[], bool]] = None,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        header_timeout: float = HEADER_TIMEOUT,
+        send_timeout: float = SEND_TIMEOUT,
+        workers: int = WORKERS,
     ) -> None:
+        if max_connections < 1 or workers < 1 or header_timeout <= 0 or send_timeout <= 0:
+            raise ValueError("max_connections, workers and the timeouts must be positive")
         self.state = state
         self.settings = settings
         self.connected = connected
-        self.metrics = MetricsRenderer(lambda: state.snapshot, settings.stale_after)
-        if ":" in address[0]:  # an IPv6 literal such as "::" or "::1"
-            self.address_family = socket.AF_INET6
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.send_timeout = send_timeout
+        self.stats = {
+            "connections_open": 0,
+            "connections_max": max_connections,
+            "connections_accepted_total": 0,
+            "connections_evicted_total": 0,
+            "connections_refused_total": 0,
+            "request_timeouts_total": 0,
+            "requests_total": 0,
+        }
+        self.metrics = MetricsRenderer(
+            lambda: state.snapshot, settings.stale_after, lambda: dict(self.stats)
+        )
         self._cache: dict[str, bytes] = {}
         self._cache_stamp: Any = None
         self._cache_lock = threading.Lock()
-        super().__init__(address, DashboardHandler)
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+            listener.listen(LISTEN_BACKLOG)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self.socket = listener
+        self.server_address = listener.getsockname()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(listener, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        # Connections waiting for a request head / sending a response, oldest first:
+        # every entry of one dict has the same timeout, so the first expires first.
+        self._waiting: dict[int, _Connection] = {}
+        self._sending: dict[int, _Connection] = {}
+        self._busy = 0  # connections at a worker
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._accept_paused_until = 0.0
+        self._last_accept_error = 0.0
+        self._workers = [
+            threading.Thread(target=self._work, name=f"dashboard-worker-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    # ------------------------------------------------------------ rendering
 
     def cached(self, path: str, snap: Snapshot, render: Callable[[], bytes]) -> bytes:
         """``render()`` at most once per path, snapshot and second.
@@ -92,29 +197,289 @@ class DashboardServer(ThreadingHTTPServer):
                     self._cache[path] = body
         return body
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that went away is routine; anything else is logged once, with its cause."""
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError)):
-            log.debug("client %s: %s", client_address, exc)
+    def _work(self) -> None:
+        """A worker: render the response to one complete request head at a time."""
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            conn, head = job
+            try:
+                handler = DashboardHandler(head, conn.address, self)
+                response, close = handler.wfile.getvalue(), handler.close_connection
+            except Exception:  # noqa: BLE001 - a request must never kill a worker
+                log.exception("error serving %s", displayable.text(conn.address))
+                response, close = _plain_response(500, "internal error"), True
+            self._done.put((conn, response, close))
+            # A full wake pipe means the loop is awake anyway.
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"\0")
+
+    # ------------------------------------------------------------ the loop
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Run the event loop until :meth:`shutdown` (in the thread that calls it)."""
+        self._stopped.clear()
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                timeout = poll_interval
+                for table in (self._waiting, self._sending):
+                    if table:
+                        first = next(iter(table.values()))
+                        timeout = min(timeout, max(0.0, first.deadline - now))
+                if self._accept_paused_until and self._accept_paused_until <= now:
+                    self._resume_accepting()
+                for key, mask in self._selector.select(timeout):
+                    if key.data is None:
+                        self._accept()
+                    elif key.data == "wake":
+                        self._drain_wake()
+                    elif mask & selectors.EVENT_READ:
+                        self._on_readable(key.data)
+                    else:
+                        self._on_writable(key.data)
+                self._collect_done()
+                self._expire(time.monotonic())
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop :meth:`serve_forever` and wait until it has returned."""
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        """Close the listening socket, every client connection and the workers."""
+        for _ in self._workers:
+            self._jobs.put(None)
+        for conn in [*self._waiting.values(), *self._sending.values()]:
+            self._close(conn)
+        self._selector.close()
+        for sock in (self.socket, self._wake_r, self._wake_w):
+            sock.close()
+        for worker in self._workers:
+            worker.join(timeout=5)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    # ------------------------------------------------------------ connections
+
+    def _accept(self) -> None:
+        for _ in range(64):  # a burst per loop turn, so requests in flight keep moving
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: back off instead of spinning
+                self._pause_accepting(exc)
+                return
+            if self.stats["connections_open"] >= self.max_connections:
+                if self._waiting:
+                    oldest = next(iter(self._waiting.values()))
+                    self._close(oldest)
+                    self.stats["connections_evicted_total"] += 1
+                else:
+                    sock.close()
+                    self.stats["connections_refused_total"] += 1
+                    continue
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Connection(sock, address)
+            self.stats["connections_open"] += 1
+            self.stats["connections_accepted_total"] += 1
+            self._wait_for_head(conn, register=True)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        now = time.monotonic()
+        if now - self._last_accept_error > 60:
+            log.warning("dashboard: cannot accept connections (%s); pausing 0.5 s", exc)
+            self._last_accept_error = now
+        self._selector.unregister(self.socket)
+        self._accept_paused_until = now + 0.5
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused_until = 0.0
+        self._selector.register(self.socket, selectors.EVENT_READ, None)
+
+    def _wait_for_head(self, conn: _Connection, register: bool) -> None:
+        conn.deadline = time.monotonic() + self.header_timeout
+        self._waiting[conn.sock.fileno()] = conn
+        if register:
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
         else:
-            log.error("error serving %s", client_address, exc_info=exc)
+            self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+        if conn.buffer:  # a pipelined request may already be complete
+            self._try_dispatch(conn)
+
+    def _on_readable(self, conn: _Connection) -> None:
+        try:
+            data = conn.sock.recv(MAX_HEAD_BYTES + 1 - len(conn.buffer))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not data:
+            self._close(conn)
+            return
+        conn.buffer += data
+        self._try_dispatch(conn)
+
+    def _try_dispatch(self, conn: _Connection) -> None:
+        """Hand a complete request head to a worker; refuse one that is too long."""
+        buffer = conn.buffer.lstrip(b"\r\n")  # stray line ends between requests
+        found = [i for i in (buffer.find(b"\r\n\r\n"), buffer.find(b"\n\n")) if i >= 0]
+        if not found:
+            conn.buffer = buffer
+            if len(buffer) > MAX_HEAD_BYTES:
+                self._refuse(conn, 431, "request head too large")
+            return
+        first = min(found)
+        end = first + (4 if buffer.startswith(b"\r\n\r\n", first) else 2)
+        if end > MAX_HEAD_BYTES:
+            self._refuse(conn, 431, "request head too large")
+            return
+        head, conn.buffer = buffer[:end], buffer[end:]
+        del self._waiting[conn.sock.fileno()]
+        self._selector.unregister(conn.sock)
+        self._busy += 1
+        self.stats["requests_total"] += 1
+        self._jobs.put((conn, head))
+
+    def _collect_done(self) -> None:
+        while True:
+            try:
+                conn, response, close = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._busy -= 1
+            if conn.sock.fileno() < 0:  # closed by server_close meanwhile
+                continue
+            conn.out = memoryview(response)
+            conn.close_after = close
+            conn.deadline = time.monotonic() + self.send_timeout
+            self._sending[conn.sock.fileno()] = conn
+            self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
+            self._on_writable(conn)
+
+    def _on_writable(self, conn: _Connection) -> None:
+        out = conn.out
+        try:
+            while out:
+                sent = conn.sock.send(out[:SEND_CHUNK])
+                out = out[sent:]
+        except (BlockingIOError, InterruptedError):
+            conn.out = out
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.out = None
+        del self._sending[conn.sock.fileno()]
+        if conn.close_after:
+            self._close(conn)
+        else:
+            self._wait_for_head(conn, register=False)
+
+    def _refuse(self, conn: _Connection, status: int, reason: str) -> None:
+        """Answer a request we will not serve in one best-effort send, then close.
+
+        What the client sent and we did not read is drained first (up to
+        REFUSE_DRAIN_BYTES already received): closing a socket with unread input
+        sends a reset, which could destroy the answer before the client reads it.
+        """
+        with contextlib.suppress(OSError):
+            conn.sock.send(_plain_response(status, reason))
+            conn.sock.shutdown(socket.SHUT_WR)
+            drained = 0
+            while drained < REFUSE_DRAIN_BYTES:
+                chunk = conn.sock.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        self._close(conn)
+
+    def _expire(self, now: float) -> None:
+        for table in (self._waiting, self._sending):
+            while table:
+                conn = next(iter(table.values()))
+                if conn.deadline > now:
+                    break
+                if table is self._waiting:
+                    self.stats["request_timeouts_total"] += 1
+                    if conn.buffer.strip():  # a request started and never finished
+                        self._refuse(conn, 408, "request head not received in time")
+                        continue
+                self._close(conn)
+
+    def _close(self, conn: _Connection) -> None:
+        fd = conn.sock.fileno()
+        if fd < 0:
+            return
+        self._waiting.pop(fd, None)
+        self._sending.pop(fd, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(conn.sock)
+        conn.sock.close()
+        conn.buffer = b""
+        conn.out = None
+        self.stats["connections_open"] -= 1
+
+
+def _plain_response(status: int, reason: str) -> bytes:
+    """A complete short text/plain response that closes the connection."""
+    body = (reason + "\n").encode("ascii")
+    phrase = HTTPStatus(status).phrase
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode("ascii") + body
 
 
 class DashboardHandler(BaseHTTPRequestHandler):
-    server: DashboardServer
+    """Answers one complete request head (bytes), writing the response to memory.
+
+    The stdlib's request parsing (request line, headers, HTTP versions, error
+    replies) is reused as is; the socket stays with :class:`DashboardServer`'s
+    loop, which sends ``wfile``'s bytes and decides about keep-alive from
+    ``close_connection``.
+    """
+
+    server: DashboardServer  # type: ignore[assignment]
     server_version = f"rpicluster/{rpicluster.__version__}"
-    # Headers and body leave in one write, with no Nagle delay: without these a
-    # kept-alive client waits ~40 ms for a delayed ACK on every request.
-    disable_nagle_algorithm = True
-    wbufsize = 64 * 1024
     sys_version = ""
     protocol_version = "HTTP/1.1"
 
     # ------------------------------------------------------------- plumbing
 
+    def setup(self) -> None:
+        self.rfile = io.BytesIO(self.request)
+        self.wfile = io.BytesIO()
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
+        # A body we do not read would be taken for the next request: close instead.
+        headers = getattr(self, "headers", None)
+        if headers is not None and (
+            headers.get("Transfer-Encoding") or headers.get("Content-Length", "0").strip() != "0"
+        ):
+            self.close_connection = True
+
+    def finish(self) -> None:
+        pass
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib name)
-        log.debug("%s %s", self.address_string(), format % args)
+        log.debug("%s %s", self.address_string(), displayable.text(format % args))
 
     def _accepts_gzip(self) -> bool:
         for item in self.headers.get("Accept-Encoding", "").split(","):
@@ -176,10 +541,10 @@ class DashboardHandler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         try:
             self._route(path)
-        except (BrokenPipeError, ConnectionResetError):
-            log.debug("client %s went away during %s", self.address_string(), path)
         except Exception:
-            log.exception("error serving %s", path)
+            log.exception("error serving %s", displayable.text(path))
+            self.wfile = io.BytesIO()  # drop whatever was written before the error
+            self.close_connection = True
             self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n", "text/plain")
 
     def _method_not_allowed(self) -> None:
@@ -221,7 +586,9 @@ class DashboardHandler(BaseHTTPRequestHandler):
         elif path in ("/favicon.svg", "/favicon.ico"):
             self._send(HTTPStatus.OK, dashboard.FAVICON_SVG.encode(), "image/svg+xml")
         elif path == "/healthz":
-            self._json(HTTPStatus.OK, api.health_document(snap, stale))
+            doc = api.health_document(snap, stale)
+            ok = HTTPStatus.OK if doc["store_ok"] else HTTPStatus.SERVICE_UNAVAILABLE
+            self._json(ok, doc)
         elif path == "/metrics":
             self._send_cached(path, snap, server.metrics.render, server.metrics.content_type)
         elif path in ("/api/nodes", "/api/nodes/"):
@@ -264,7 +631,7 @@ def _node_id(path: str) -> Optional[str]:
     if not raw or "/" in raw:
         return None
     try:
-        node_id = unquote(raw, errors="strict") if "%" in raw else raw
+        node_id = unquote(raw, errors="surrogatepass") if "%" in raw else raw
     except UnicodeDecodeError:
         return None
     if len(node_id) > MAX_NODE_ID_LENGTH:
