@@ -38,8 +38,9 @@ lint: $(STAMP)  ## ruff, yamllint, ansible-lint (production profile)
 	$(BIN)/yamllint --strict .
 	$(BIN)/ansible-lint --profile production
 
-pytest: $(STAMP)  ## unit and integration tests (installs headless Chromium for the dashboard test)
+pytest: $(STAMP)  ## unit and integration tests (installs headless Chromium and promtool for the tests)
 	bash $(RESOURCES)/browser.sh
+	bash $(RESOURCES)/promtool.sh
 	$(BIN)/pytest -q
 
 molecule: $(STAMP)  ## Molecule scenarios in systemd containers that stand in for Pis
@@ -49,9 +50,10 @@ molecule: $(STAMP)  ## Molecule scenarios in systemd containers that stand in fo
 
 test: $(STAMP)  ## everything CI runs: lint, pytest, molecule
 	@# On a fresh machine the Docker engine and the image take minutes: they are
-	@# prepared in the background while lint and pytest run. Chromium first, so
+	@# prepared in the background while lint and pytest run. Chromium and promtool first, so
 	@# that two apt-get never race for the dpkg lock.
 	bash $(RESOURCES)/browser.sh
+	bash $(RESOURCES)/promtool.sh
 	@mkdir -p .cache
 	{ bash $(RESOURCES)/docker-engine.sh && bash $(RESOURCES)/build-image.sh; } >.cache/image.log 2>&1 & \
 	image=$$!; \

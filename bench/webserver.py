@@ -18,7 +18,13 @@ default ``refresh_interval`` (2 s) and ``history_window`` (1 h). Measured:
   loopback round trip), median and p95, both freshly rendered (the first request
   in a new second) and from the server's per-second page cache (the next one).
 
-    python -m bench.webserver --nodes 100 --seconds 30
+With ``--attack`` it then attacks the same webserver as issue 7 did (see
+:mod:`bench.webattack`: 1,100 idle sockets and 200 slowloris clients from this
+process, on 127.0.0.1, bounded and self-stopping) and records ``/healthz``
+latency from fresh connections, the webserver's RSS and threads during the
+attack (targets: ``/healthz`` within 1 s, RSS < 96 MB).
+
+    python -m bench.webserver --nodes 100 --seconds 30 [--attack]
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import psutil
 from bench.report import append
 from bench.simslaves import HOST, SECRET, MasterProcess, free_port, percentile, write_config
 from bench.slave_footprint import CONSOLE_SCRIPT, pi_like_python
+from bench.webattack import Attack, probe
 from rpicluster import protocol as p
 
 VITALS_INTERVAL = 5.0
@@ -184,7 +191,58 @@ def wait_loaded(web_port: int, sample: str, nodes: int, points: int, timeout: fl
     raise SystemExit(f"the webserver did not load {nodes} nodes and their history in {timeout:g} s")
 
 
-def measure(nodes: int, seconds: int, idle: float) -> list[str]:
+ATTACK_IDLE = 1100
+ATTACK_SLOW = 200
+ATTACK_PROBES = 60
+HEALTHZ_TARGET = 1.0  # seconds
+RSS_TARGET = 96 * 2**20
+
+
+def attack(web_port: int, handle: psutil.Process) -> tuple[list[str], bool]:
+    """Idle and slowloris clients against the webserver; /healthz latency, RSS, threads."""
+    rss_before = handle.memory_info().rss
+    latencies: list[float] = []
+    failed = 0
+    rss_peak = rss_before
+    threads_peak = handle.num_threads()
+    start = time.monotonic()
+    with Attack(HOST, web_port, idle=ATTACK_IDLE, slow=ATTACK_SLOW, max_seconds=120) as held:
+        opened = time.monotonic() - start
+        for _ in range(ATTACK_PROBES):
+            status, took = probe(HOST, web_port, "/healthz")
+            if status == 200:
+                latencies.append(took)
+            else:
+                failed += 1
+            rss_peak = max(rss_peak, handle.memory_info().rss)
+            threads_peak = max(threads_peak, handle.num_threads())
+            time.sleep(0.25)
+        page_status, page_took = probe(HOST, web_port, "/")
+        closed = held.closed_by_server
+    ms = [t * 1000 for t in latencies] or [float("nan")]
+    met = (
+        failed == 0
+        and page_status == 200
+        and max(ms) < HEALTHZ_TARGET * 1000
+        and rss_peak < RSS_TARGET
+    )
+    mib = 2**20
+    lines = [
+        f"attack: {ATTACK_IDLE} idle sockets and {ATTACK_SLOW} slowloris clients (one header"
+        f" byte per 0.5 s) opened in {opened:.1f} s from one process on {HOST}; the server"
+        f" closed {closed} slowloris clients during the {ATTACK_PROBES} probes",
+        f"/healthz under attack, {ATTACK_PROBES} probes on fresh connections every 0.25 s:"
+        f" {failed} failed; median {statistics.median(ms):.1f} ms, p95"
+        f" {percentile(ms, 95):.1f} ms, max {max(ms):.1f} ms (target < {HEALTHZ_TARGET:g} s);"
+        f" GET / under attack {page_status} in {page_took * 1000:.0f} ms",
+        f"webserver under attack: RSS {rss_before / mib:.1f} MB before, peak"
+        f" {rss_peak / mib:.1f} MB (target < {RSS_TARGET / mib:.0f} MB); threads peak"
+        f" {threads_peak}; {'met' if met else 'MISSED'}",
+    ]
+    return lines, met
+
+
+def measure(nodes: int, seconds: int, idle: float, with_attack: bool = False) -> list[str]:
     workdir = Path(tempfile.mkdtemp(prefix="rpicluster-webbench-"))
     port, web_port = free_port(), free_port()
     master = MasterProcess(write_config(str(workdir), port), str(workdir / "master.log"), port)
@@ -243,6 +301,9 @@ def measure(nodes: int, seconds: int, idle: float) -> list[str]:
         conn.close()
         rss_after = handle.memory_info().rss
         threads = handle.num_threads()
+        attack_lines: list[str] = []
+        if with_attack:
+            attack_lines, _met = attack(web_port, handle)
         alive = web.poll() is None
     finally:
         if web is not None and web.poll() is None:
@@ -282,7 +343,7 @@ def measure(nodes: int, seconds: int, idle: float) -> list[str]:
             f" {statistics.median(first):.1f} ms, p95 {percentile(first, 95):.1f} ms;"
             f" cached median {statistics.median(again):.1f} ms, p95 {percentile(again, 95):.1f} ms"
         )
-    return lines
+    return lines + attack_lines
 
 
 def main() -> int:
@@ -292,6 +353,11 @@ def main() -> int:
         "--seconds", type=int, default=30, help="seconds of page requests (2 per page per second)"
     )
     parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU window")
+    parser.add_argument(
+        "--attack",
+        action="store_true",
+        help=f"then {ATTACK_IDLE} idle + {ATTACK_SLOW} slowloris clients; /healthz, RSS, threads",
+    )
     args = parser.parse_args()
     if not 1 <= args.nodes <= 1000:
         parser.error("--nodes must be 1-1000")
@@ -299,9 +365,10 @@ def main() -> int:
         parser.error("--seconds must be 5-600")
     if not 5 <= args.idle <= 600:
         parser.error("--idle must be 5-600 seconds")
-    lines = measure(args.nodes, args.seconds, args.idle)
-    append(f"webserver: dashboard slave with {args.nodes} nodes in the registry", lines)
-    return 0
+    lines = measure(args.nodes, args.seconds, args.idle, args.attack)
+    title = f"webserver: dashboard slave with {args.nodes} nodes in the registry"
+    append(title + (", then under attack" if args.attack else ""), lines)
+    return 1 if any("MISSED" in line for line in lines) else 0
 
 
 if __name__ == "__main__":

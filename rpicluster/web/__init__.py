@@ -17,12 +17,13 @@ What a webserver Pi serves on ``[webserver] webserver_host:webserver_port``
                             "master_reachable", "master_unreachable_since"}``
 ``/api/nodes/<node_id>``    JSON ``{"node", "history": [points, oldest first], ...}``;
                             unknown id: 404 ``{"error": "no node with id '...'"}``
-``/metrics``                Prometheus text: ``rpicluster_node_up``,
-                            ``rpicluster_node_state``, ``rpicluster_node_last_seen_age_seconds``,
-                            ``rpicluster_node_cpu_percent``, ``..._temperature_celsius``,
-                            ``..._memory_available_bytes``, ``..._disk_free_bytes``, ...,
+``/metrics``                Prometheus text in base units, labels ``node_id`` and ``name``:
+                            ``rpicluster_node_up``, ``rpicluster_node_state``,
+                            ``rpicluster_node_cpu_usage_ratio``, ``..._temperature_celsius``,
+                            ``..._throttled_now{condition}``, ``rpicluster_node_info``, ...,
                             ``rpicluster_master_*`` counters, ``rpicluster_nodes{state}``
-``/healthz``                JSON ``{"status": "ok"|"degraded", "nodes", ...}``, always 200
+``/healthz``                JSON ``{"status": "ok"|"degraded"|"store_failing", "nodes", ...}``;
+                            200, or 503 when the master's store does not save
 ==========================  ==============================================================
 
 Pages are rendered at most once per snapshot and second, and gzipped for clients
