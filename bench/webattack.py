@@ -3,9 +3,10 @@
 Used by tests/test_web_under_load.py and ``python -m bench.webserver --attack``.
 What issue 7 found: 1,100 idle sockets made every health probe time out and grew
 the old thread-per-connection server to 175 MB and 1,022 threads. This module
-opens such sockets (``idle``), plus slowloris clients (``slow``) that send a
-request head one byte at a time and never finish it, and measures ``/healthz``
-from fresh connections meanwhile.
+opens such sockets (``idle``), slowloris clients (``slow``) that send a
+request head one byte at a time and never finish it, and slow readers
+(``readers``) that ask for the uncompressed dashboard with a tiny receive buffer
+and never read it; ``probe`` measures ``/healthz`` from fresh connections meanwhile.
 
 Bounded and self-stopping: at most MAX_SOCKETS sockets, only to 127.0.0.1 / ::1,
 and everything is closed by :meth:`Attack.stop` or, at the latest, after
@@ -34,15 +35,16 @@ class Attack:
         port: int,
         idle: int,
         slow: int,
+        readers: int = 0,
         trickle_interval: float = 0.5,
         max_seconds: float = 120.0,
     ) -> None:
         if host not in LOOPBACK:
             raise ValueError(f"attacks go to loopback only, not {host!r}")
-        if not 0 <= idle + slow <= MAX_SOCKETS:
+        if not 0 <= idle + slow + readers <= MAX_SOCKETS:
             raise ValueError(f"at most {MAX_SOCKETS} sockets")
         self.host, self.port = host, port
-        self.idle, self.slow = idle, slow
+        self.idle, self.slow, self.readers = idle, slow, readers
         self.trickle_interval = trickle_interval
         self.max_seconds = max_seconds
         self.sockets: list[socket.socket] = []
@@ -74,6 +76,17 @@ class Attack:
                 sock.send(SLOW_HEAD)
             self.sockets.append(sock)
             self.slow_sockets.append(sock)
+        for _ in range(self.readers):
+            try:
+                sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.settimeout(5)
+                sock.connect((self.host, self.port))
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            except OSError:
+                self.refused += 1
+                continue
+            self.sockets.append(sock)
         self._thread = threading.Thread(target=self._trickle, name="attack-trickle", daemon=True)
         self._thread.start()
         return self

@@ -55,8 +55,7 @@ def health(node: Mapping[str, Any]) -> dict[str, Any]:
 def node_object(node: Mapping[str, Any]) -> dict[str, Any]:
     """One node as the API serves it: scrubbed, with ``name`` and ``health``."""
     doc = scrub(node)
-    doc["name"] = displayable.node_name(doc) if "name" not in doc else doc["name"]
-    if not isinstance(doc["name"], str) or not doc["name"]:
+    if not isinstance(doc.get("name"), str) or not doc["name"]:
         doc["name"] = displayable.node_name({**doc, "name": None})
     doc["health"] = health(node)
     return doc

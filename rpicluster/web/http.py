@@ -73,7 +73,7 @@ class _Connection:
         self.sock = sock
         self.address = address
         self.buffer = b""  # bytes received and not yet part of a dispatched request
-        self.out: Optional[memoryview] = None  # the response still to send
+        self.out: list[memoryview] = []  # what is still to send: head, then body
         self.deadline = 0.0
         self.close_after = False
 
@@ -206,10 +206,13 @@ class DashboardServer:
             conn, head = job
             try:
                 handler = DashboardHandler(head, conn.address, self)
-                response, close = handler.wfile.getvalue(), handler.close_connection
+                # The body is the page cache's own bytes object, not a copy: a
+                # client that reads slowly holds a reference, never a megabyte.
+                response = [handler.wfile.getvalue(), handler.response_body]
+                close = handler.close_connection
             except Exception:  # noqa: BLE001 - a request must never kill a worker
                 log.exception("error serving %s", displayable.text(conn.address))
-                response, close = _plain_response(500, "internal error"), True
+                response, close = [_plain_response(500, "internal error")], True
             self._done.put((conn, response, close))
             # A full wake pipe means the loop is awake anyway.
             with contextlib.suppress(OSError):
@@ -364,7 +367,7 @@ class DashboardServer:
             self._busy -= 1
             if conn.sock.fileno() < 0:  # closed by server_close meanwhile
                 continue
-            conn.out = memoryview(response)
+            conn.out = [memoryview(part) for part in response if part]
             conn.close_after = close
             conn.deadline = time.monotonic() + self.send_timeout
             self._sending[conn.sock.fileno()] = conn
@@ -375,15 +378,15 @@ class DashboardServer:
         out = conn.out
         try:
             while out:
-                sent = conn.sock.send(out[:SEND_CHUNK])
-                out = out[sent:]
+                sent = conn.sock.send(out[0][:SEND_CHUNK])
+                out[0] = out[0][sent:]
+                if not out[0]:
+                    out.pop(0)
         except (BlockingIOError, InterruptedError):
-            conn.out = out
             return
         except OSError:
             self._close(conn)
             return
-        conn.out = None
         del self._sending[conn.sock.fileno()]
         if conn.close_after:
             self._close(conn)
@@ -431,7 +434,7 @@ class DashboardServer:
             self._selector.unregister(conn.sock)
         conn.sock.close()
         conn.buffer = b""
-        conn.out = None
+        conn.out = []
         self.stats["connections_open"] -= 1
 
 
@@ -457,6 +460,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
     server: DashboardServer  # type: ignore[assignment]
     server_version = f"rpicluster/{rpicluster.__version__}"
     sys_version = ""
+    response_body = b""  # a 200's body, kept apart from the head (see _send)
     protocol_version = "HTTP/1.1"
 
     # ------------------------------------------------------------- plumbing
@@ -518,7 +522,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self.response_body = body  # sent after the head by the server's loop
 
     def _html(self, status: int, text: str) -> None:
         self._send(status, text.encode("utf-8"), "text/html; charset=utf-8")
@@ -544,6 +548,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("error serving %s", displayable.text(path))
             self.wfile = io.BytesIO()  # drop whatever was written before the error
+            self.response_body = b""
             self.close_connection = True
             self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n", "text/plain")
 
