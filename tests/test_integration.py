@@ -398,7 +398,7 @@ def test_status_table_against_a_live_master(master, two_nodes, tmp_path, cluster
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("master ") and "2 node(s) (2 alive)" in lines[0]
-    assert lines[1].split()[:5] == ["HOSTNAME", "NODE", "ROLES", "STATE", "LAST"]
+    assert lines[1].split()[:5] == ["NAME", "NODE", "ROLES", "STATE", "LAST"]
     rows = lines[2:]
     assert len(rows) == 2
     assert sorted(row.split()[1] for row in rows) == sorted(s.node_id[:8] for s in two_nodes)
