@@ -222,3 +222,37 @@ def test_log_lines_cannot_be_forged():
     assert lines[1].startswith("ERROR rpicluster.test_poisoned: node pi\\nERROR")
     assert "Traceback" in lines[2]  # the traceback, from our own code, stays readable
     assert not any(line.startswith("ERROR rpicluster.master") for line in lines)
+
+
+XSS = '"><img src=x onerror=alert(1)><script>alert(2)</script>'
+
+
+def test_html_injection_in_every_string_field_stays_text():
+    """Every string a node or the master can set, on every page: never live markup."""
+    evil = {
+        "node_id": "x" + XSS,
+        "name": XSS,
+        "hostname": XSS,
+        "address": XSS,
+        "roles": [XSS],
+        "state": XSS,
+        "connected": True,
+        "last_seen": NOW,
+        "details": {XSS: XSS, "os": XSS, "groups": [XSS], "nested": {XSS: [XSS]}},
+        "vitals": {"ts": NOW, XSS: XSS, "throttled": 0x10001},
+        "action_errors": {XSS: {"count": 1, "last": XSS}, "other": XSS},
+        "duplicate_name": True,
+        "duplicate_id": True,
+    }
+    state = ClusterState(3600)
+    master = {"hostname": XSS, "counters": {XSS: 1}, "store": {"ok": False, "error": XSS}}
+    snap = state.replace(master=master, nodes=[evil], history={}, fetched_at=time.time())
+    pages = [
+        dashboard.render_dashboard(snap, refresh_interval=2, history_window=3600, stale_after=30),
+        dashboard.render_node(snap, evil, refresh_interval=2, history_window=3600, stale_after=30),
+        dashboard.render_not_found(XSS),
+    ]
+    for page in pages:
+        assert "<img" not in page and "<script>alert" not in page
+        assert page.count("<script>") == 1  # the reload poller, allowed by its hash
+        assert "&lt;img src=x onerror=alert(1)&gt;" in page
