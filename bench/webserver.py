@@ -34,6 +34,7 @@ import gzip
 import http.client
 import json
 import math
+import os
 import random
 import select
 import shutil
@@ -193,6 +194,7 @@ def wait_loaded(web_port: int, sample: str, nodes: int, points: int, timeout: fl
 
 ATTACK_IDLE = 1100
 ATTACK_SLOW = 200
+ATTACK_READERS = 100
 ATTACK_PROBES = 60
 HEALTHZ_TARGET = 1.0  # seconds
 RSS_TARGET = 96 * 2**20
@@ -206,7 +208,11 @@ def attack(web_port: int, handle: psutil.Process) -> tuple[list[str], bool]:
     rss_peak = rss_before
     threads_peak = handle.num_threads()
     start = time.monotonic()
-    with Attack(HOST, web_port, idle=ATTACK_IDLE, slow=ATTACK_SLOW, max_seconds=120) as held:
+    load_before = os.getloadavg()[0]
+    attack = Attack(
+        HOST, web_port, idle=ATTACK_IDLE, slow=ATTACK_SLOW, readers=ATTACK_READERS, max_seconds=120
+    )
+    with attack as held:
         opened = time.monotonic() - start
         for _ in range(ATTACK_PROBES):
             status, took = probe(HOST, web_port, "/healthz")
@@ -228,9 +234,12 @@ def attack(web_port: int, handle: psutil.Process) -> tuple[list[str], bool]:
     )
     mib = 2**20
     lines = [
-        f"attack: {ATTACK_IDLE} idle sockets and {ATTACK_SLOW} slowloris clients (one header"
-        f" byte per 0.5 s) opened in {opened:.1f} s from one process on {HOST}; the server"
-        f" closed {closed} slowloris clients during the {ATTACK_PROBES} probes",
+        f"attack: {ATTACK_IDLE} idle sockets, {ATTACK_SLOW} slowloris clients (one header"
+        f" byte per 0.5 s) and {ATTACK_READERS} clients that ask for / uncompressed with a"
+        f" 4 KiB receive buffer and never read, opened in {opened:.1f} s from one process on"
+        f" {HOST}; the server closed {closed} slowloris clients during the"
+        f" {ATTACK_PROBES} probes; machine load average {load_before:.1f} before and"
+        f" {os.getloadavg()[0]:.1f} after (2 cores shared with other sessions)",
         f"/healthz under attack, {ATTACK_PROBES} probes on fresh connections every 0.25 s:"
         f" {failed} failed; median {statistics.median(ms):.1f} ms, p95"
         f" {percentile(ms, 95):.1f} ms, max {max(ms):.1f} ms (target < {HEALTHZ_TARGET:g} s);"
@@ -356,7 +365,8 @@ def main() -> int:
     parser.add_argument(
         "--attack",
         action="store_true",
-        help=f"then {ATTACK_IDLE} idle + {ATTACK_SLOW} slowloris clients; /healthz, RSS, threads",
+        help=f"then {ATTACK_IDLE} idle, {ATTACK_SLOW} slowloris and {ATTACK_READERS} non-reading"
+        " clients; /healthz, RSS, threads",
     )
     args = parser.parse_args()
     if not 1 <= args.nodes <= 1000:
