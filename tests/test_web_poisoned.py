@@ -256,3 +256,21 @@ def test_html_injection_in_every_string_field_stays_text():
         assert "<img" not in page and "<script>alert" not in page
         assert page.count("<script>") == 1  # the reload poller, allowed by its hash
         assert "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
+def test_the_console_scripts_log_one_line_per_record(capsys):
+    """rpicluster, rpicluster-master and rpicluster-slave set up OneLineFormatter."""
+    from rpicluster import cli
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        cli._setup_logging("INFO")
+        logging.getLogger("rpicluster.master").warning("node %s joined", FORGED + ESC)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("WARNING MainThread rpicluster.master: node pi\\nERROR")
+    assert_inert(err)
