@@ -14,6 +14,7 @@ malformed node ids) run against an in-process server with short timeouts.
 from __future__ import annotations
 
 import json
+import resource
 import socket
 import statistics
 import subprocess
@@ -88,8 +89,19 @@ def tcp_connections(handle: psutil.Process) -> int:
     return len(method("tcp"))
 
 
+def enough_file_descriptors(count: int) -> None:
+    """Raise this process's soft open-files limit for the attack's sockets (not the server's)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= count:
+        return
+    if hard != resource.RLIM_INFINITY and hard < count:
+        pytest.fail(f"the attack needs {count} open files; the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, hard))
+
+
 def test_healthz_answers_while_idle_slowloris_and_slow_reading_clients_attack(server_process):
     """1,100 idle sockets, 200 slowloris heads, 100 clients that never read a dashboard."""
+    enough_file_descriptors(2048)
     port, handle = server_process
     status, _ = probe(HOST, port, "/")
     assert status == 200
