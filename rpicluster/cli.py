@@ -212,7 +212,7 @@ def _store_summary(master: dict[str, Any]) -> str:
     store = master.get("store")
     if not isinstance(store, dict):
         return ""
-    if store.get("ok") is True:
+    if store.get("ok") is not False:  # only the master's explicit false is a failure
         return "store ok"
     return "STORE FAILING" + (f": {text(store.get('error'))}" if store.get("error") else "")
 

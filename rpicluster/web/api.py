@@ -96,7 +96,7 @@ def store_health(master: Mapping[str, Any]) -> Optional[dict[str, Any]]:
     if not isinstance(store, Mapping):
         return None
     doc = scrub(store, 2)
-    doc["ok"] = store.get("ok") is True
+    doc["ok"] = store.get("ok") is not False  # only the master's explicit false fails
     return doc
 
 

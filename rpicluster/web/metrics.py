@@ -191,7 +191,7 @@ class ClusterCollector:
         yield GaugeMetricFamily(
             "rpicluster_master_store_ok",
             "1 while the master's store saves, 0 when writes fail.",
-            value=1 if store.get("ok") is True else 0,
+            value=0 if store.get("ok") is False else 1,
         )
         for key, doc in (
             ("queue", "Writes waiting in the master's store queue."),
