@@ -63,6 +63,7 @@ class Master:
         self._thread: Optional[threading.Thread] = None
         self._timers: list[asyncio.TimerHandle] = []
         self._last_sweep = self.clock()
+        self._final_flush_done = False  # set by _shutdown once the store has every row
         self.close_timeout = CLOSE_TIMEOUT
         self.log_joins = LogLimiter("joins")
         self.log_leaves = LogLimiter("disconnections")
@@ -164,6 +165,11 @@ class Master:
                 log.error("master shutdown failed: %r; stopping anyway", exc)
                 self.loop.call_soon_threadsafe(self.loop.stop)
             thread.join(timeout)
+        if not thread.is_alive() and not self._final_flush_done:
+            # _shutdown did not get to its flush (it failed or timed out); the
+            # loop has ended, so the registry can be read here: save it anyway.
+            self._flush()
+            self.store.save_last_seen(self.registry.last_seen_rows())
         self.store.close(timeout)
         log.info("master stopped")
 
@@ -188,6 +194,7 @@ class Master:
                 conn.transport.abort()
         self._flush()
         self.store.save_last_seen(self.registry.last_seen_rows())
+        self._final_flush_done = True
         self.loop.call_soon(self.loop.stop)
 
     def run_forever(self) -> None:
@@ -264,6 +271,8 @@ class Master:
         if full:
             info["nodes"] = self.registry.counts()
             info["counters"] = self.counters.as_dict()
+            if self.store is not None:  # whether writes fail or lag (store.py)
+                info["store"] = self.store.health()
         return info
 
     def cluster_page(self, qid: int, offset: int, limit: int) -> bytes:
