@@ -90,6 +90,10 @@ def saved(state_dir: Path) -> tuple[list[tuple[str, str]], list[tuple[str, float
     return nodes, points
 
 
+def writer_stopped(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "database writer stopped" in r.getMessage()]
+
+
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
@@ -237,7 +241,7 @@ def test_the_queue_is_bounded_in_bytes_too(started):
 
 
 def test_shutdown_saves_the_final_batch_while_a_history_read_meets_a_closed_loop(
-    started, state_dir
+    started, state_dir, caplog
 ):
     store, flaky = started
     closed_loop = asyncio.new_event_loop()
@@ -263,6 +267,7 @@ def test_shutdown_saves_the_final_batch_while_a_history_read_meets_a_closed_loop
     closer.join(30)
     assert not closer.is_alive()
     assert len(handed) == 1 and not isinstance(handed[0], Exception)
+    assert not writer_stopped(caplog)  # it wrote the final batch itself
     nodes, points = saved(state_dir)
     assert nodes == [("n1", "pi")]
     assert len(points) == 50
@@ -426,7 +431,7 @@ def test_history_query_answers_internal_at_once_when_the_writer_is_dead(master, 
 
 
 def test_stop_saves_everything_while_a_history_read_outlives_the_loop(
-    master_factory, cluster_secret
+    master_factory, cluster_secret, caplog
 ):
     master = master_factory()
     state_dir = Path(master.config.master.state_dir)
@@ -448,6 +453,7 @@ def test_stop_saves_everything_while_a_history_read_outlives_the_loop(
     flaky.hold.set()  # the read now finishes after the loop closed
     stopper.join(30)
     assert not stopper.is_alive()
+    assert not writer_stopped(caplog)
     sock.close()
     nodes, points = saved(state_dir)
     assert [node_id for node_id, _ in nodes] == ["node-1"]
