@@ -458,3 +458,22 @@ def test_stop_saves_everything_while_a_history_read_outlives_the_loop(
     nodes, points = saved(state_dir)
     assert [node_id for node_id, _ in nodes] == ["node-1"]
     assert [ts for _, ts in points] == [base + i for i in range(10)]
+
+
+def test_history_older_than_the_window_is_pruned_for_every_known_node(state_dir):
+    store = Store(str(state_dir), history_window=60)
+    store.start()
+    now = time.time()
+    store.save_nodes([node_row("quiet")])
+    store.add_vitals([point("quiet", now - 30), point("chatty", now - 30), point("chatty", now)])
+    wait_for(lambda: {"quiet", "chatty"} <= set(store._since_trim), what="points saved")
+    assert store._pruned_all  # the first prune (a full scan) came with the first write
+    # An hour later, as far as the window is concerned: "quiet" sent nothing since
+    # (only its row knows it), "chatty" did (its points know it).
+    del store._since_trim["quiet"]
+    store.history_window = 10
+    store._last_prune = 0.0  # the prune is due
+    store.save_nodes([node_row("other")])
+    store.close()
+    points = saved(state_dir)[1]
+    assert points == [("chatty", now)]

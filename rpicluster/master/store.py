@@ -200,6 +200,7 @@ class Store:
         self._dead = False  # the writer thread ended (or never ran): reads are refused
         self._error: Optional[str] = None  # why the latest write failed; None once one succeeds
         self._last_prune = 0.0
+        self._pruned_all = False  # whether a prune scanned the whole table since the start
         self._since_trim: dict[str, int] = {}  # points inserted per node since its cap was checked
         self.write_errors = 0  # failed write attempts (each retried)
         self.dropped_total = 0  # vitals points dropped from a full queue, or unsaved at exit
@@ -479,7 +480,7 @@ class Store:
                 repaired, rejected = self._row_by_row(groups)
             trimmed = self._trim(inserted)
             if prune:
-                conn.execute("DELETE FROM vitals WHERE ts < ?", (now - self.history_window,))
+                self._prune(now - self.history_window)
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -487,10 +488,14 @@ class Store:
             raise
         if prune:
             self._last_prune = now
+            self._pruned_all = True
+        since_trim = self._since_trim
         for node_id, count in inserted.items():
-            self._since_trim[node_id] = (
-                0 if node_id in trimmed else self._since_trim[node_id] + count
-            )
+            if node_id in trimmed:
+                since_trim[node_id] = 0
+            elif node_id in since_trim:
+                since_trim[node_id] += count
+            # else: an id SQLite refuses, never trimmed (nor known to the prune)
         self.repaired_total += repaired
         self.rejected_total += rejected
 
@@ -534,15 +539,32 @@ class Store:
         no node ever holds more than :attr:`points_cap` points after a commit.
         """
         keep = self.points_cap - TRIM_EVERY
-        due = [
-            node_id
-            for node_id, count in inserted.items()
-            if self._since_trim.setdefault(node_id, TRIM_EVERY) + count >= TRIM_EVERY
-        ]
-        for node_id in due:
-            with contextlib.suppress(*_ROW_ERRORS):  # an id SQLite refuses has no points
-                self._conn.execute(_TRIM, (node_id, keep))
-        return set(due)
+        since_trim = self._since_trim
+        trimmed = set()
+        for node_id, count in inserted.items():
+            if since_trim.get(node_id, TRIM_EVERY) + count >= TRIM_EVERY:
+                with contextlib.suppress(*_ROW_ERRORS):  # an id SQLite refuses has no points
+                    self._conn.execute(_TRIM, (node_id, keep))
+                    trimmed.add(node_id)
+        return trimmed
+
+    def _prune(self, cutoff: float) -> None:
+        """Delete points older than ``cutoff``.
+
+        The first prune after the start scans the whole table; later ones walk
+        the index range of each known node (a row in ``nodes``, or points since
+        the start), a fraction of a full scan's cost with thousands of nodes.
+        """
+        conn = self._conn
+        if not self._pruned_all:
+            conn.execute("DELETE FROM vitals WHERE ts < ?", (cutoff,))
+            return
+        node_ids = {row[0] for row in conn.execute("SELECT node_id FROM nodes")}
+        node_ids.update(self._since_trim)
+        conn.executemany(
+            "DELETE FROM vitals WHERE node_id = ? AND ts < ?",
+            [(node_id, cutoff) for node_id in node_ids],
+        )
 
     def _answer(self, reads: Any) -> None:
         """Run queued reads and hand each result over; a failing hand-over harms nothing."""
