@@ -477,3 +477,20 @@ def test_history_older_than_the_window_is_pruned_for_every_known_node(state_dir)
     store.close()
     points = saved(state_dir)[1]
     assert points == [("chatty", now)]
+
+
+def test_the_documented_bounds_are_the_code_s():
+    root = Path(__file__).resolve().parent.parent
+    # Whitespace-normalized, so re-wrapping a paragraph does not matter.
+    protocol = " ".join((root / "docs" / "protocol.md").read_text(encoding="utf-8").split())
+    readme = " ".join((root / "README.md").read_text(encoding="utf-8").split())
+    assert f"({QUEUE_POINTS:,})" in protocol and f"{QUEUE_POINTS:,} vitals points" in readme
+    assert QUEUE_BYTES == 16 * 1024 * 1024 and "(16 MiB)" in protocol and "16 MiB" in readme
+    assert f"longer than {store_module.LAG_LIMIT:g} s" in protocol
+    assert f"{PENDING_READS} history reads already wait" in protocol
+    assert f"{store_module.RETRY_MIN:g} s then doubling to {store_module.RETRY_MAX:g} s" in protocol
+    assert f"max({store_module.POINTS_PER_NODE}, history_window)" in protocol
+    assert f"max({store_module.POINTS_PER_NODE}, history_window)" in readme
+    assert JOURNAL_SIZE_LIMIT == 4 * 1024 * 1024 and "truncated to 4 MiB" in readme
+    assert f"every {store_module.WAL_AUTOCHECKPOINT:,} pages" in readme
+    assert store_module.PRUNE_INTERVAL == 60 and "deleted every minute" in readme
