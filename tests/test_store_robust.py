@@ -195,7 +195,7 @@ def test_health_says_when_writes_lag(started, monkeypatch):
     wait_for(lambda: store.health()["ok"], what="caught up")
 
 
-def test_the_queue_stays_bounded_under_a_flood(started, state_dir):
+def test_the_queue_stays_bounded_under_a_flood(started, state_dir, caplog):
     store, flaky = started
     flaky.hold.clear()
     store.add_vitals([point("blocker", 0.0)])
@@ -212,6 +212,8 @@ def test_the_queue_stays_bounded_under_a_flood(started, state_dir):
     assert health["queue"] == QUEUE_POINTS
     assert health["pending_rows"] == 1
     assert health["dropped_total"] == total - QUEUE_POINTS
+    said = [r for r in caplog.records if "vitals points dropped" in r.getMessage()]
+    assert len(said) == 1  # 40 flushes dropped points; one log line a minute says so
     # Handing over never waited on the blocked disk (60,000 points, generous bound).
     assert handing_over < 10.0
     flaky.hold.set()

@@ -59,6 +59,7 @@ RETRY_MIN = 0.5  # seconds before the first retry of a failed write
 RETRY_MAX = 30.0  # seconds between two retries at most (doubling from RETRY_MIN)
 JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024  # bytes the WAL file is truncated to after a checkpoint
 WAL_AUTOCHECKPOINT = 1000  # pages (4 KiB each) of WAL that trigger a checkpoint
+DROP_LOG_INTERVAL = 60.0  # seconds between two log lines about dropped points at least
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -202,6 +203,7 @@ class Store:
         self._last_prune = 0.0
         self._pruned_all = False  # whether a prune scanned the whole table since the start
         self._since_trim: dict[str, int] = {}  # points inserted per node since its cap was checked
+        self._drop_logged_at = -DROP_LOG_INTERVAL
         self.write_errors = 0  # failed write attempts (each retried)
         self.dropped_total = 0  # vitals points dropped from a full queue, or unsaved at exit
         self.rejected_total = 0  # rows SQLite refused even after repair (never stored)
@@ -301,11 +303,18 @@ class Store:
         self._cond.notify()
 
     def _dropped(self, count: int, why: str) -> None:
-        first = self.dropped_total == 0
         self.dropped_total += count
-        # A full queue drops on every flush: say it once, the counter says the rest.
-        if first or why != "the write queue is full":
-            log.error("%s: %d vitals points dropped: %s", self.path, count, why)
+        # A full queue drops on every flush: one line a minute at most, the counter says the rest.
+        now = time.monotonic()
+        if now - self._drop_logged_at >= DROP_LOG_INTERVAL:
+            self._drop_logged_at = now
+            log.error(
+                "%s: %d vitals points dropped (%d in all): %s",
+                self.path,
+                count,
+                self.dropped_total,
+                why,
+            )
 
     def read(self, fn: Callable[[sqlite3.Connection], Any], done: Callable[[Any], None]) -> None:
         """Run ``fn(conn)`` after every queued write; pass its result (or exception) to ``done``.
