@@ -27,6 +27,7 @@ from rpicluster.master.store import (
     QUEUE_BYTES,
     QUEUE_POINTS,
     TRIM_EVERY,
+    TXN_POINTS,
     Store,
     StoreError,
     points_cap,
@@ -48,6 +49,7 @@ class FlakyConnection:
         self.hold = threading.Event()
         self.hold.set()
         self.held = threading.Event()  # set while a write waits on ``hold``
+        self.largest_insert = 0  # most vitals points inserted by one executemany
 
     def _gate(self, sql: str) -> None:
         if sql.lstrip().upper().startswith(("SELECT", "PRAGMA", "ROLLBACK")):
@@ -65,6 +67,9 @@ class FlakyConnection:
 
     def executemany(self, sql: str, rows: Any) -> Any:
         self._gate(sql)
+        if sql.startswith("INSERT INTO vitals"):
+            rows = list(rows)
+            self.largest_insert = max(self.largest_insert, len(rows))
         return self.conn.executemany(sql, rows)
 
     def close(self) -> None:
@@ -222,6 +227,7 @@ def test_the_queue_stays_bounded_under_a_flood(started, state_dir, caplog):
     assert nodes == [("n1", f"pi-{total - 100}")]  # the latest row won
     kept = sorted(ts for node_id, ts in points if node_id != "blocker")
     assert len(kept) == QUEUE_POINTS
+    assert flaky.largest_insert == TXN_POINTS  # written in several transactions, WAL bounded
     # The oldest were dropped, the newest kept.
     assert kept[0] == base + (total - QUEUE_POINTS) / 1000
     assert kept[-1] == base + (total - 1) / 1000
@@ -495,4 +501,6 @@ def test_the_documented_bounds_are_the_code_s():
     assert f"max({store_module.POINTS_PER_NODE}, history_window)" in readme
     assert JOURNAL_SIZE_LIMIT == 4 * 1024 * 1024 and "truncated to 4 MiB" in readme
     assert f"every {store_module.WAL_AUTOCHECKPOINT:,} pages" in readme
+    assert store_module.TXN_BYTES == 1024 * 1024
+    assert f"at most {TXN_POINTS:,} points or 1 MiB of them" in readme
     assert store_module.PRUNE_INTERVAL == 60 and "deleted every minute" in readme

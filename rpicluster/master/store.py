@@ -49,6 +49,10 @@ PRUNE_INTERVAL = 60.0  # seconds between two deletions of history older than the
 # report a second, 20 s at the default 5 s interval); the oldest are dropped beyond.
 QUEUE_POINTS = 20_000
 QUEUE_BYTES = 16 * 1024 * 1024  # bytes of vitals JSON waiting at most; the oldest dropped beyond
+# Vitals points and bytes of them written in one transaction at most: the WAL
+# holds one transaction however far it is past its checkpoint threshold.
+TXN_POINTS = 2000
+TXN_BYTES = 1024 * 1024
 PENDING_READS = 64  # history reads waiting at most; more are refused at once
 # Points kept per node at least; the cap is max(this, history_window in seconds),
 # i.e. one point a second on average over the window.
@@ -171,6 +175,23 @@ class _Batch:
             self.point_bytes -= len(self.points.popleft()[2])
             dropped += 1
         return dropped
+
+    def take_oldest(self) -> _Batch:
+        """The rows and the oldest points, within :data:`TXN_POINTS` and :data:`TXN_BYTES`.
+
+        Reads stay: they run after the last points queued before them.
+        """
+        taken = _Batch()
+        taken.nodes, self.nodes = self.nodes, {}
+        taken.seen, self.seen = self.seen, {}
+        taken.since = self.since  # the rest is as old, as far as lag is concerned
+        points = self.points
+        while points and len(taken.points) < TXN_POINTS and taken.point_bytes < TXN_BYTES:
+            point = points.popleft()
+            taken.points.append(point)
+            taken.point_bytes += len(point[2])
+        self.point_bytes -= taken.point_bytes
+        return taken
 
     def put_back(self, older: _Batch) -> int:
         """Requeue ``older`` (a batch that failed) before this one; return points dropped."""
@@ -402,7 +423,11 @@ class Store:
                     reads, self._pending.reads = self._pending.reads, collections.deque()
                     batch = None  # reads only: the database failed a moment ago
                 else:
-                    batch, self._pending = self._pending, _Batch()
+                    pending = self._pending
+                    if len(pending.points) > TXN_POINTS or pending.point_bytes > TXN_BYTES:
+                        batch = pending.take_oldest()  # the rest comes next round
+                    else:
+                        batch, self._pending = pending, _Batch()
                     reads = batch.reads
                     self._inflight_since = batch.since
             if batch is not None:
@@ -423,7 +448,10 @@ class Store:
                 retry_at = time.monotonic() + retry
             self._answer(reads)
             if stopping:
-                return
+                with self._cond:
+                    more = self._pending.has_writes() or self._pending.reads
+                if not more or batch is None or not saved:  # close() saves what is left
+                    return
 
     def _save(self, batch: _Batch, final: bool = False) -> bool:
         """Write ``batch`` in one transaction (pruning when due); False if the database failed.
