@@ -217,6 +217,8 @@ def test_the_queue_stays_bounded_under_a_flood(started, state_dir, caplog):
     assert health["queue"] == QUEUE_POINTS
     assert health["pending_rows"] == 1
     assert health["dropped_total"] == total - QUEUE_POINTS
+    assert health["ok"] is False
+    assert health["error"] == "vitals points dropped in the last 30 s (write queue full)"
     said = [r for r in caplog.records if "vitals points dropped" in r.getMessage()]
     assert len(said) == 1  # 40 flushes dropped points; one log line a minute says so
     # Handing over never waited on the blocked disk (60,000 points, generous bound).

@@ -225,6 +225,7 @@ class Store:
         self._pruned_all = False  # whether a prune scanned the whole table since the start
         self._since_trim: dict[str, int] = {}  # points inserted per node since its cap was checked
         self._drop_logged_at = -DROP_LOG_INTERVAL
+        self._dropped_at: Optional[float] = None  # monotonic time of the latest drop
         self.write_errors = 0  # failed write attempts (each retried)
         self.dropped_total = 0  # vitals points dropped from a full queue, or unsaved at exit
         self.rejected_total = 0  # rows SQLite refused even after repair (never stored)
@@ -326,7 +327,7 @@ class Store:
     def _dropped(self, count: int, why: str) -> None:
         self.dropped_total += count
         # A full queue drops on every flush: one line a minute at most, the counter says the rest.
-        now = time.monotonic()
+        now = self._dropped_at = time.monotonic()
         if now - self._drop_logged_at >= DROP_LOG_INTERVAL:
             self._drop_logged_at = now
             log.error(
@@ -373,6 +374,13 @@ class Store:
                 error = "the database writer is not running"
             elif error is None and lag > LAG_LIMIT:
                 error = f"writes are {lag:.0f} s behind"
+            elif (
+                error is None
+                and self._dropped_at is not None
+                and now - self._dropped_at < LAG_LIMIT
+            ):
+                # Dropping the oldest hides the lag: the disk does not keep up either way.
+                error = f"vitals points dropped in the last {LAG_LIMIT:g} s (write queue full)"
             return {
                 "ok": error is None,
                 "error": error,
