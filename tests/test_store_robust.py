@@ -506,3 +506,37 @@ def test_the_documented_bounds_are_the_code_s():
     assert store_module.TXN_BYTES == 1024 * 1024
     assert f"at most {TXN_POINTS:,} points or 1 MiB of them" in readme
     assert store_module.PRUNE_INTERVAL == 60 and "deleted every minute" in readme
+
+
+def test_a_member_s_surrogate_hostname_cannot_stop_the_master_saving(
+    master_factory, cluster_secret
+):
+    """End to end: whether the master refuses the hello or stores the name repaired,
+    the writer keeps running and a good node joining afterwards is saved."""
+    master = master_factory()
+    state_dir = Path(master.config.master.state_dir)
+    bad = socket.create_connection(("127.0.0.1", master.port), timeout=10)
+    try:
+        p.client_handshake(
+            bad,
+            cluster_secret,
+            kind="slave",
+            node_id="poison",
+            role="basic",
+            details={"hostname": "pi-\ud800"},
+        )
+        p.send_frame(bad, p.make(p.HEARTBEAT, seq=1, sent_at=time.time()))
+        p.recv_message(bad)
+    except (p.ProtocolError, OSError):
+        pass  # refused at the door: fine too
+    good = connect(master, cluster_secret, node_id="good", role="vitals")
+    p.send_frame(good, p.make(p.VITALS, vitals={"ts": time.time(), "cpu_percent": 5.0}))
+    assert query(good, 1, "history", node_id="good")["data"]["points"]  # written and read back
+    health = query(good, 2, "cluster")["data"]["master"]["store"]
+    assert health["ok"] is True and master.store._thread.is_alive()
+    bad.close()
+    good.close()
+    master.stop()
+    nodes = dict(saved(state_dir)[0])
+    assert "good" in nodes
+    assert "\ud800" not in nodes.get("poison", "")
