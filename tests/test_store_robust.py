@@ -540,3 +540,26 @@ def test_a_member_s_surrogate_hostname_cannot_stop_the_master_saving(
     nodes = dict(saved(state_dir)[0])
     assert "good" in nodes
     assert "\ud800" not in nodes.get("poison", "")
+
+
+def test_stop_saves_the_registry_itself_when_the_shutdown_coroutine_fails(
+    master_factory, cluster_secret
+):
+    master = master_factory()
+    state_dir = Path(master.config.master.state_dir)
+    sock = connect(master, cluster_secret)
+    master.loop.call_soon_threadsafe(lambda: [timer.cancel() for timer in master._timers])
+    base = time.time()
+    for i in range(3):
+        p.send_frame(sock, p.make(p.VITALS, vitals={"ts": base + i, "cpu_percent": 1.0}))
+    wait_for(lambda: len(master.registry.pending_vitals) == 3, what="3 points not yet flushed")
+
+    async def failing_shutdown() -> None:
+        raise RuntimeError("a bug in _shutdown")
+
+    master._shutdown = failing_shutdown
+    master.stop()
+    sock.close()
+    nodes, points = saved(state_dir)
+    assert [node_id for node_id, _ in nodes] == ["node-1"]
+    assert [ts for _, ts in points] == [base + i for i in range(3)]
