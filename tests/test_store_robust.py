@@ -313,6 +313,7 @@ def test_reads_fail_fast_when_the_writer_is_dead_or_busy(started, state_dir):
     store.save_nodes([node_row("late")])
     store.close()
     assert saved(state_dir)[0] == [("late", "pi")]
+    store.close()  # idempotent
 
 
 def test_each_node_keeps_at_most_its_cap_of_points(state_dir):

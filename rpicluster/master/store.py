@@ -219,6 +219,7 @@ class Store:
         self._inflight_since: Optional[float] = None  # the batch being written, if any
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
+        self._closed = False
         self._dead = False  # the writer thread ended (or never ran): reads are refused
         self._error: Optional[str] = None  # why the latest write failed; None once one succeeds
         self._last_prune = 0.0
@@ -267,8 +268,10 @@ class Store:
         self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Apply everything queued (and answer queued reads), then close the database."""
+        """Apply everything queued (and answer queued reads), close the database; idempotent."""
         with self._cond:
+            if self._closed:
+                return
             self._stopping = True
             self._cond.notify_all()
         thread = self._thread
@@ -289,6 +292,7 @@ class Store:
         with contextlib.suppress(sqlite3.Error):
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._conn.close()
+        self._closed = True
 
     # ---------------------------------------------------------------- writes
 
