@@ -23,6 +23,9 @@ DEFAULT_PORT = 5005
 DEFAULT_WEBSERVER_PORT = 8123
 BUILTIN_ROLES = ("basic", "vitals", "webserver")
 MIN_SECRET_LENGTH = 16
+DEFAULT_MAX_CONNECTIONS = 30000  # 10,000 Pis with 2-3 roles each, well below LimitNOFILE
+DEFAULT_MAX_UNAUTHENTICATED = 1024
+DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS = 64
 
 _DOTTED_ROLE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
@@ -60,6 +63,10 @@ class MasterSettings:
     socket_port: int = DEFAULT_PORT
     state_dir: str = DEFAULT_STATE_DIR
     history_window: float = 3600.0
+    # Bounds on connections (master/admission.py); the unit's LimitNOFILE is 65536.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED
+    max_unauthenticated_per_address: int = DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
 
 
 @dataclass(frozen=True)
@@ -193,7 +200,7 @@ def _read_cluster(r: _Reader) -> ClusterSettings:
         suspect_after=suspect,
         dead_after=dead,
         max_frame_size=r.number(
-            s, "max_frame_size", DEFAULT_MAX_FRAME_SIZE, minimum=1024, maximum=2**31, kind=int
+            s, "max_frame_size", DEFAULT_MAX_FRAME_SIZE, minimum=16384, maximum=2**31, kind=int
         ),
         handshake_timeout=r.number(s, "handshake_timeout", 5.0, minimum=0.1, maximum=600),
     )
@@ -206,6 +213,25 @@ def _read_master(r: _Reader) -> MasterSettings:
         socket_port=r.port(s, "socket_port", DEFAULT_PORT),
         state_dir=r.text(s, "state_dir", DEFAULT_STATE_DIR),
         history_window=r.number(s, "history_window", 3600.0, minimum=1.0),
+        max_connections=r.number(
+            s, "max_connections", DEFAULT_MAX_CONNECTIONS, minimum=16, maximum=1000000, kind=int
+        ),
+        max_unauthenticated=r.number(
+            s,
+            "max_unauthenticated",
+            DEFAULT_MAX_UNAUTHENTICATED,
+            minimum=1,
+            maximum=65536,
+            kind=int,
+        ),
+        max_unauthenticated_per_address=r.number(
+            s,
+            "max_unauthenticated_per_address",
+            DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
+            minimum=1,
+            maximum=65536,
+            kind=int,
+        ),
     )
 
 

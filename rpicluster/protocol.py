@@ -7,6 +7,11 @@ the benchmarks' simulated slaves cannot drift apart.
 A frame is a 4-byte unsigned big-endian length followed by that many bytes of a
 UTF-8 JSON object with a string ``type``. Membership is proved with an HMAC-SHA256
 challenge-response over nonces, so the shared secret never crosses the wire.
+
+Parsing is strict on purpose (docs/protocol.md "Limits"): only finite numbers,
+integers within +-2^53, at most :data:`MAX_DEPTH` levels of nesting. A value that
+one parser accepts and another turns into Infinity or an exception would be
+stored and re-sent to every client, so it is refused where it enters.
 """
 
 from __future__ import annotations
@@ -19,9 +24,17 @@ import socket
 import struct
 from typing import Any, Optional
 
-PROTOCOL_VERSION = 1
+# 2: the MAC input is length-prefixed (netstrings) instead of joined with "|".
+PROTOCOL_VERSION = 2
 DEFAULT_MAX_FRAME_SIZE = 1024 * 1024
+# Until the master's welcome a frame may hold at most this many bytes: a hello is
+# tiny (its details are at most 8 KiB), so a stranger can make the master buffer
+# no more than this per connection.
+PREAUTH_MAX_FRAME_SIZE = 16 * 1024
 NONCE_BYTES = 16
+MAX_DEPTH = 16  # levels of JSON arrays/objects in a body (the body object is level 1)
+MAX_INT = 2**53  # integers beyond +-2^53 lose precision in JavaScript and most JSON parsers
+_MAX_INT_CHARS = len(str(MAX_INT)) + 1  # a longer digit string cannot be in range
 
 HEADER = struct.Struct(">I")
 
@@ -36,7 +49,8 @@ ACTION_ERROR = "action_error"  # S
 QUERY = "query"  # S
 REPLY = "reply"  # M
 GOODBYE = "goodbye"  # both
-ERROR = "error"  # M
+ERROR = "error"  # M, then the master closes the connection
+REFUSED = "refused"  # M, one message was refused; the connection stays open
 
 KIND_SLAVE = "slave"
 KIND_CLIENT = "client"
@@ -51,6 +65,16 @@ E_UNKNOWN_TYPE = "unknown_type"
 E_HANDSHAKE_TIMEOUT = "handshake_timeout"
 E_REPLACED = "replaced"
 E_NOT_FOUND = "not_found"
+E_TOO_MANY_CONNECTIONS = "too_many_connections"  # sent instead of a challenge
+E_BAD_DETAILS = "bad_details"  # hello details break the member-data limits
+E_TOO_MANY_ROLES = "too_many_roles"  # a node may hold at most MAX_ROLES roles
+E_SILENT = "silent"  # no message for dead_after seconds
+E_RATE_EXCEEDED = "rate_exceeded"  # refused messages kept coming much faster than allowed
+# Codes of ``refused`` notices (not fatal) and of failed query replies.
+E_BAD_VITALS = "bad_vitals"
+E_VITALS_RATE = "vitals_rate_limited"
+E_BAD_ACTION_ERROR = "bad_action_error"
+E_INTERNAL = "internal"
 
 # Required fields and their JSON types, per message type (``type`` itself excluded).
 _NUMBER = (int, float)
@@ -73,6 +97,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     REPLY: {"id": (int,), "ok": (bool,)},
     GOODBYE: {"reason": (str,)},
     ERROR: {"code": (str,), "message": (str,)},
+    REFUSED: {"code": (str,), "message": (str,), "count": (int,)},
 }
 
 
@@ -104,24 +129,77 @@ def make(msg_type: str, **fields: Any) -> bytes:
     return encode(fields)
 
 
+class _NumberError(ValueError):
+    """A JSON number outside the protocol's range (raised from the parser's hooks)."""
+
+
 def _reject_constant(name: str) -> Any:
     # NaN and Infinity are not JSON; accepting them would poison every later reply.
-    raise ValueError(f"{name} is not valid JSON")
+    raise _NumberError(f"{name} is not valid JSON")
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value - value != 0.0:  # inf or nan: 1e400 overflows to inf in Python
+        raise _NumberError(f"number {text[:20]}... is out of range (not finite)")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    # The length check first: int() of a 100,000-digit string costs real CPU.
+    if len(text) > _MAX_INT_CHARS:
+        raise _NumberError(f"integer of {len(text)} digits is out of range (+-2^53)")
+    value = int(text)
+    if not -MAX_INT <= value <= MAX_INT:
+        raise _NumberError(f"integer {text} is out of range (+-2^53)")
+    return value
 
 
 # One decoder for every frame: json.loads(..., parse_constant=...) would build a new
 # one per call, which is most of the cost of a heartbeat on the master.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_DECODER = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_float=_parse_float, parse_int=_parse_int
+)
+
+
+def depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """Levels of arrays/objects in ``value`` (a scalar is 0), counting stops past ``limit``."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if level > deepest:
+            deepest = level
+            if deepest > limit:
+                return deepest
+        stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 def parse_body(body: bytes) -> Any:
-    """Parse one frame body as strict UTF-8 JSON (no validation); ProtocolError if it is not."""
+    """Parse one frame body as strict UTF-8 JSON (no validation); ProtocolError if it is not.
+
+    Strict: NaN/Infinity, numbers that overflow, integers beyond +-2^53 and nesting
+    deeper than :data:`MAX_DEPTH` are ``bad_frame``.
+    """
     try:
-        return _DECODER.decode(body.decode("utf-8"))
+        value = _DECODER.decode(body.decode("utf-8"))
+    except _NumberError as exc:
+        raise ProtocolError(E_BAD_FRAME, f"frame is not valid here: {exc}") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(E_BAD_FRAME, f"frame is not UTF-8 JSON: {exc}") from None
     except RecursionError:
-        raise ProtocolError(E_BAD_FRAME, "frame nests JSON too deeply") from None
+        raise ProtocolError(E_BAD_FRAME, f"frame nests JSON deeper than {MAX_DEPTH}") from None
+    # Counting brackets is C-fast; only a body that could nest too deeply is walked.
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and depth(value) > MAX_DEPTH:
+        raise ProtocolError(E_BAD_FRAME, f"frame nests JSON deeper than {MAX_DEPTH}")
+    return value
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
@@ -240,9 +318,23 @@ def new_nonce() -> str:
     return os.urandom(NONCE_BYTES).hex()
 
 
+def mac_input(*parts: str) -> bytes:
+    """The MAC input: each part as a netstring ``<byte length>:<UTF-8 bytes>,``.
+
+    Length-prefixed, so no field boundary is ambiguous whatever characters a
+    node id, role or nonce holds (version 1 joined the parts with ``|``).
+    """
+    out = bytearray()
+    for part in (f"rpicluster/{PROTOCOL_VERSION}",) + parts:
+        # surrogatepass: never raise on a lone surrogate (the master refuses those
+        # before computing a MAC; this only keeps the function total).
+        data = part.encode("utf-8", "surrogatepass")
+        out += b"%d:%s," % (len(data), data)
+    return bytes(out)
+
+
 def _mac(secret: str, *parts: str) -> str:
-    text = "|".join((f"rpicluster/{PROTOCOL_VERSION}",) + parts)
-    return hmac.new(secret.encode("utf-8"), text.encode("utf-8"), hashlib.sha256).hexdigest()
+    return hmac.new(secret.encode("utf-8"), mac_input(*parts), hashlib.sha256).hexdigest()
 
 
 def hello_mac(
@@ -282,7 +374,7 @@ def client_handshake(
         raise ProtocolError(challenge["code"], challenge["message"])
     if challenge["type"] != CHALLENGE:
         raise ProtocolError(E_BAD_MESSAGE, f"expected challenge, got {challenge['type']}")
-    if challenge["protocol"] != PROTOCOL_VERSION:
+    if type(challenge["protocol"]) is not int or challenge["protocol"] != PROTOCOL_VERSION:
         raise ProtocolError(
             E_BAD_VERSION,
             f"master speaks protocol {challenge['protocol']}, we speak {PROTOCOL_VERSION}",
@@ -297,7 +389,11 @@ def client_handshake(
         "mac": hello_mac(secret, challenge["nonce"], nonce, kind, node_id, role),
     }
     if details is not None:
-        hello["details"] = details
+        # Limits of docs/protocol.md: the master refuses a hello whose details break
+        # them, so drop the offending keys here and still join.
+        from rpicluster.memberdata import clean_details
+
+        hello["details"] = clean_details(details, log_drops=True)
     send_frame(sock, make(HELLO, **hello))
     answer = recv_message(sock, max_frame_size)
     if answer["type"] == ERROR:

@@ -141,9 +141,10 @@ def test_malformed_json(master, good, caplog):
 
 def test_frame_over_the_limit_is_refused_from_its_header(master, good, caplog):
     sock, _ = raw(master)
-    sock.sendall(struct.pack(">I", master.config.cluster.max_frame_size + 1))  # no body sent
+    # Before authenticating, the limit is the small pre-auth one (a hello is tiny).
+    sock.sendall(struct.pack(">I", p.PREAUTH_MAX_FRAME_SIZE + 1))  # no body sent
     error = refused(sock, p.E_FRAME_TOO_LARGE)
-    assert str(master.config.cluster.max_frame_size) in error["message"]
+    assert str(p.PREAUTH_MAX_FRAME_SIZE) in error["message"]
     logged_once(caplog, "frame_too_large")
     assert good.still_works()
 
@@ -177,9 +178,9 @@ def test_half_a_frame_then_stall_times_out(master, good, cluster_secret, caplog)
 
 def test_wrong_protocol_version(master, good, cluster_secret, caplog):
     sock, challenge = raw(master)
-    sock.sendall(hello(challenge, cluster_secret, protocol=2))
+    sock.sendall(hello(challenge, cluster_secret, protocol=1))
     error = refused(sock, p.E_BAD_VERSION)
-    assert "protocol 2" in error["message"]
+    assert "protocol 1" in error["message"]
     logged_once(caplog, "bad_protocol_version")
     assert good.still_works()
 
@@ -365,15 +366,20 @@ def test_peer_that_never_reads_its_replies_is_dropped(master, good, cluster_secr
     master.close_timeout = 0.2  # abort the unflushable connection quickly
     big = socket.create_connection(("127.0.0.1", master.port), timeout=5)
     p.client_handshake(
-        big, cluster_secret, kind="slave", node_id="big", role="basic", details={"b": "x" * 50000}
+        big,
+        cluster_secret,
+        kind="slave",
+        node_id="big",
+        role="basic",
+        details={f"b{i}": "x" * 250 for i in range(30)},  # near the 8 KiB details limit
     )
     reader = socket.socket()
     reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     reader.connect(("127.0.0.1", master.port))
     p.client_handshake(reader, cluster_secret, kind="client", node_id="lazy", role="-")
     open_before = counters(master)["connections_open"]
-    # 400 replies of 50 KB: far more than the master queues for one peer (8 MiB).
-    reader.sendall(b"".join(p.make(p.QUERY, id=i, what="cluster") for i in range(400)))
+    # 2,000 replies of 8 KB: far more than the master queues for one peer (8 MiB).
+    reader.sendall(b"".join(p.make(p.QUERY, id=i, what="cluster") for i in range(2000)))
     wait_for(
         lambda: counters(master)["connections_open"] == open_before - 1, 10, what="lazy dropped"
     )

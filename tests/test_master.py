@@ -106,7 +106,12 @@ def test_history_is_paged_oldest_first_and_survives_restart(master_factory, clus
 def test_cluster_query_pages_fit_in_a_frame(master_factory, cluster_secret):
     master = master_factory(cluster={"max_frame_size": 16384})
     socks = [
-        connect(master, cluster_secret, node_id=f"n{i:02d}", details={"blob": "x" * 900})[0]
+        connect(
+            master,
+            cluster_secret,
+            node_id=f"n{i:02d}",
+            details={f"k{j}": "x" * 225 for j in range(4)},
+        )[0]
         for i in range(40)
     ]
     client, _ = connect(master, cluster_secret, node_id="status", kind="client", role="-")

@@ -43,6 +43,7 @@ def test_decode_roundtrip_of_every_schema():
         p.HEARTBEAT_ACK: {"seq": 3},
         p.VITALS: {"vitals": {"ts": 1.0}},
         p.ACTION_ERROR: {"error": "boom", "count": 2},
+        p.REFUSED: {"code": "bad_vitals", "message": "m", "count": 1},
         p.QUERY: {"id": 1, "what": "cluster"},
         p.REPLY: {"id": 1, "ok": True},
         p.GOODBYE: {"reason": "bye"},
@@ -60,7 +61,7 @@ def test_decode_roundtrip_of_every_schema():
         (b"{not json", p.E_BAD_FRAME, "not UTF-8 JSON"),
         (b"\xff\xfe", p.E_BAD_FRAME, "not UTF-8 JSON"),
         (b'{"type":"vitals","vitals":{"x":NaN}}', p.E_BAD_FRAME, "NaN"),
-        (b"[" * 50000 + b"]" * 50000, p.E_BAD_FRAME, "deeply"),
+        (b"[" * 50000 + b"]" * 50000, p.E_BAD_FRAME, "deeper"),
         (b"[1, 2]", p.E_BAD_MESSAGE, "not a JSON object"),
         (b'{"seq": 1}', p.E_BAD_MESSAGE, "'type'"),
         (b'{"type": "teleport"}', p.E_UNKNOWN_TYPE, "teleport"),
@@ -110,10 +111,15 @@ def test_frame_decoder_keeps_a_partial_frame():
 
 def test_mac_strings_are_the_documented_ones():
     secret = "s" * 16
-    text = "rpicluster/1|hello|SN|CN|slave|node|basic"
+    text = "12:rpicluster/2,5:hello,2:SN,2:CN,5:slave,4:node,5:basic,"
     expected = hmac.new(secret.encode(), text.encode(), hashlib.sha256).hexdigest()
     assert p.hello_mac(secret, "SN", "CN", "slave", "node", "basic") == expected
-    text = "rpicluster/1|welcome|CN|SN"
+    # No field boundary is ambiguous: moving a "|" between fields changes the MAC.
+    assert p.hello_mac(secret, "SN", "CN", "slave", "a|b", "c") != p.hello_mac(
+        secret, "SN", "CN", "slave", "a", "b|c"
+    )
+    assert p.mac_input("é") == "12:rpicluster/2,2:é,".encode()
+    text = "12:rpicluster/2,7:welcome,2:CN,2:SN,"
     expected = hmac.new(secret.encode(), text.encode(), hashlib.sha256).hexdigest()
     assert p.welcome_mac(secret, "CN", "SN") == expected
     assert p.macs_equal(expected, expected)
@@ -125,7 +131,7 @@ def _fake_master(sock, secret, answer):
     """Serve one handshake on ``sock``: challenge, read hello, then ``answer(hello)``."""
     conn, _ = sock.accept()
     with conn:
-        p.send_frame(conn, p.make(p.CHALLENGE, protocol=1, nonce="SN"))
+        p.send_frame(conn, p.make(p.CHALLENGE, protocol=p.PROTOCOL_VERSION, nonce="SN"))
         hello = p.recv_message(conn)
         p.send_frame(conn, answer(hello))
         conn.recv(1)
@@ -135,11 +141,17 @@ def _fake_master(sock, secret, answer):
     ("answer", "code"),
     [
         (lambda h: p.make(p.ERROR, code=p.E_AUTH_FAILED, message="no"), p.E_AUTH_FAILED),
-        (lambda h: p.make(p.WELCOME, protocol=1, mac="0" * 64, master={}), p.E_AUTH_FAILED),
+        (
+            lambda h: p.make(p.WELCOME, protocol=p.PROTOCOL_VERSION, mac="0" * 64, master={}),
+            p.E_AUTH_FAILED,
+        ),
         (lambda h: p.make(p.GOODBYE, reason="x"), p.E_BAD_MESSAGE),
         (
             lambda h: p.make(
-                p.WELCOME, protocol=1, mac=p.welcome_mac("k" * 16, h["nonce"], "SN"), master={}
+                p.WELCOME,
+                protocol=p.PROTOCOL_VERSION,
+                mac=p.welcome_mac("k" * 16, h["nonce"], "SN"),
+                master={},
             ),
             None,
         ),

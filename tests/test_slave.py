@@ -348,7 +348,7 @@ secret = {secret}
 heartbeat_interval = 0.2
 suspect_after = 0.5
 dead_after = 1.5
-max_frame_size = 4096
+max_frame_size = 16384
 handshake_timeout = 2
 [slave]
 master_ip = 127.0.0.1
@@ -365,7 +365,7 @@ def test_from_config_takes_every_setting(tmp_path):
     assert slave.server_address == ("127.0.0.1", 6000)
     assert slave.heartbeat_interval == 0.2 and slave.dead_after == 1.5
     assert slave.backoff.base == 0.1 and slave.backoff.cap == 0.7
-    assert slave.max_frame_size == 4096 and slave.handshake_timeout == 2
+    assert slave.max_frame_size == 16384 and slave.handshake_timeout == 2
     assert slave.config is config
     assert slave.node_id == (tmp_path / "node_id").read_text().strip()
     assert RpiBasicSlaveThread.from_config(config).node_id == slave.node_id

@@ -15,8 +15,9 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any, Optional
 
+from rpicluster import memberdata as md
 from rpicluster import protocol as p
-from rpicluster.master.registry import Session
+from rpicluster.master.registry import MAX_ROLES, Session
 from rpicluster.master.store import read_history
 
 if TYPE_CHECKING:
@@ -24,17 +25,50 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rpicluster.master")
 
-HISTORY_CAP = 1000  # points per history reply at most
+HISTORY_CAP = 1000  # points per history reply at most; a larger limit is bad_message
 MAX_WRITE_BUFFER = 8 * 1024 * 1024  # a peer that stops reading replies is dropped
-_MAX_ID = 128  # characters of a node_id
-_MAX_ROLE = 200  # characters of a role name
+_MAX_ID = md.MAX_NODE_ID  # characters of a node_id
+_MAX_ROLE = md.MAX_ROLE  # characters of a role name
+# Vitals per (node, role): a token bucket of VITALS_BURST reports refilled at
+# VITALS_RATE a second. The `vitals` role's shortest interval (0.05 s) is exactly
+# the rate, so no well-configured role is ever refused. Refused reports are
+# strikes that drain at the same rate; a connection with more than MAX_STRIKES
+# (refusals outrunning the rate by 2x for ~20 s, or a flood) is closed.
+VITALS_RATE = 20.0
+VITALS_BURST = 40.0
+MAX_STRIKES = 400.0
+NOTICE_INTERVAL = 1.0  # seconds between two ``refused`` notices on one connection
 
 _pack = p.HEADER.pack
 _parse = p.parse_body
 
 # Which counter an error code bumps.
 _FRAME_ERRORS = (p.E_BAD_FRAME, p.E_FRAME_TOO_LARGE)
-_MESSAGE_ERRORS = (p.E_BAD_MESSAGE, p.E_UNKNOWN_TYPE, p.E_BAD_VERSION)
+_MESSAGE_ERRORS = (
+    p.E_BAD_MESSAGE,
+    p.E_UNKNOWN_TYPE,
+    p.E_BAD_VERSION,
+    p.E_TOO_MANY_ROLES,
+    p.E_RATE_EXCEEDED,
+)
+
+
+def fit_node(node: dict[str, Any], budget: int) -> str:
+    """The node as JSON of at most ``budget`` bytes: trimmed when the whole does not fit.
+
+    With the member-data limits a node never needs trimming at the default frame
+    size; this keeps the promise that no reply overflows a frame whatever is stored
+    (an old database, a small max_frame_size). A trimmed node has ``truncated``.
+    """
+    text = json.dumps(node)
+    if len(text) <= budget:
+        return text
+    stub = {**node, "details": {}, "vitals": None, "action_errors": {}, "truncated": True}
+    text = json.dumps(stub)
+    if len(text) <= budget:
+        return text
+    stub["roles"] = []
+    return json.dumps(stub)
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -44,12 +78,20 @@ class Connection(asyncio.BufferedProtocol):
     read is consumed at once), so a heartbeat costs no 256 KiB receive buffer.
     """
 
-    def __init__(self, master: Master) -> None:
+    def __init__(self, master: Master, address: str = "", peer: str = "?") -> None:
         self.master = master
         self.transport: Optional[asyncio.Transport] = None
-        self.peer = "?"
-        self.address = ""
-        self.decoder = p.FrameDecoder(master.config.cluster.max_frame_size)
+        self.peer = peer
+        self.address = address
+        # A hello is tiny: until the peer is a member it may send small frames only.
+        self.decoder = p.FrameDecoder(
+            min(p.PREAUTH_MAX_FRAME_SIZE, master.config.cluster.max_frame_size)
+        )
+        self.evicted = False
+        self.strikes = 0.0  # refused messages, draining at VITALS_RATE a second
+        self.strikes_at = 0.0
+        self.notice_at = -NOTICE_INTERVAL
+        self.unnoticed = 0  # refusals not yet told in a ``refused`` notice
         self.nonce = p.new_nonce()
         self.authed = False
         self.kind = ""
@@ -64,10 +106,15 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self.address = str(peer[0])
-            self.peer = f"{peer[0]}:{peer[1]}"
+        if self.evicted:  # evicted between accept and now
+            self.closed = True
+            transport.abort()
+            return
+        if not self.address:
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple):
+                self.address = str(peer[0])
+                self.peer = f"{peer[0]}:{peer[1]}"
         master = self.master
         master.counters.connections_total += 1
         master.counters.connections_open += 1
@@ -91,6 +138,9 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.closed = True
         master = self.master
+        master.admission.release(self)
+        if self.evicted and self not in master.connections:
+            return  # never counted as open
         master.counters.connections_open -= 1
         master.connections.discard(self)
         if self.timer is not None:
@@ -127,6 +177,44 @@ class Connection(asyncio.BufferedProtocol):
         # reads would hold its socket forever, so drop it hard after a while.
         self.master.loop.call_later(self.master.close_timeout, self.transport.abort)
 
+    def evict(self) -> None:
+        """Make room in the full unauthenticated table (admission.py): close at once."""
+        master = self.master
+        master.counters.connections_evicted_total += 1
+        master.log_refusals(
+            master.clock(),
+            logging.WARNING,
+            "peer %s evicted: unauthenticated table full (oldest of its address)",
+            self.peer,
+        )
+        self.evicted = True
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.abort()
+
+    def refuse(self, code: str, message: str) -> None:
+        """Refuse one message but keep the connection: a ``refused`` notice, at most 1/s.
+
+        Strikes drain at VITALS_RATE a second; past MAX_STRIKES the peer is abusive
+        and the connection is closed (``rate_exceeded``).
+        """
+        master = self.master
+        now = master.clock()
+        self.strikes = max(0.0, self.strikes - (now - self.strikes_at) * VITALS_RATE) + 1
+        self.strikes_at = now
+        if self.strikes > MAX_STRIKES:
+            self.fail(p.E_RATE_EXCEEDED, f"too many refused messages ({code}: {message})")
+            return
+        self.unnoticed += 1
+        if now - self.notice_at < NOTICE_INTERVAL:
+            return
+        master.log_members(
+            now, logging.WARNING, "peer %s (%s): %s: %s", self.peer, self.name, code, message
+        )
+        self.send(p.make(p.REFUSED, code=code, message=message, count=self.unnoticed))
+        self.notice_at = now
+        self.unnoticed = 0
+
     def fail(self, code: str, message: str) -> None:
         """Refuse bad input: one log line with the peer, counters, ``error`` frame, close."""
         if self.closed:
@@ -141,6 +229,8 @@ class Connection(asyncio.BufferedProtocol):
             counters.auth_failures_total += 1
         elif code == p.E_HANDSHAKE_TIMEOUT:
             counters.handshake_timeouts_total += 1
+        elif code == p.E_BAD_DETAILS:
+            counters.details_refused_total += 1
         who = f" ({self.name})" if self.name else ""
         self.master.log_refusals(
             self.master.clock(),
@@ -225,18 +315,38 @@ class Connection(asyncio.BufferedProtocol):
                     self.fail(p.E_BAD_MESSAGE, "only a slave connection may send vitals")
                     return
                 master.registry.heard(session)
-                master.registry.vitals(session, message["vitals"])
+                vitals = message["vitals"]
+                if not self._vitals_token(session):
+                    master.counters.vitals_rate_limited_total += 1
+                    self.refuse(
+                        p.E_VITALS_RATE,
+                        f"more than {VITALS_RATE:g} vitals reports a second"
+                        f" (burst {VITALS_BURST:g}) for this node and role",
+                    )
+                    continue
+                problem = md.check_vitals(vitals)
+                if problem:
+                    master.counters.vitals_refused_total += 1
+                    self.refuse(p.E_BAD_VITALS, problem)
+                    continue
+                master.registry.vitals(session, vitals)
             elif msg_type == p.ACTION_ERROR:
                 if session is None:
                     self.fail(p.E_BAD_MESSAGE, "only a slave connection may send action_error")
                     return
                 master.registry.heard(session)
-                master.registry.action_error(session, message["error"][:2000], message["count"])
+                count = message["count"]
+                if count < 0:
+                    self.refuse(p.E_BAD_ACTION_ERROR, "action_error count must be >= 0")
+                    continue
+                master.registry.action_error(session, md.clean_text(message["error"]), count)
             elif msg_type == p.QUERY:
                 if session is not None:
                     master.registry.heard(session)
                 self._query(message)
             elif msg_type == p.GOODBYE:
+                if session is not None:
+                    master.registry.heard(session)  # any message is a sign of life
                 self.said_goodbye = True
                 self.closed = True
                 self.transport.close()  # type: ignore[union-attr]
@@ -245,6 +355,21 @@ class Connection(asyncio.BufferedProtocol):
                 self.fail(p.E_BAD_MESSAGE, f"a peer may not send {msg_type!r} messages")
                 return
 
+    def _vitals_token(self, session: Session) -> bool:
+        """Take one token of the (node, role) bucket; False when it is empty."""
+        now = self.master.clock()
+        rates = session.node.rates
+        bucket = rates.get(session.role)
+        if bucket is None:
+            bucket = rates[session.role] = [VITALS_BURST, now]
+        tokens = min(VITALS_BURST, bucket[0] + (now - bucket[1]) * VITALS_RATE)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
     def _hello(self, body: bytes) -> None:
         master = self.master
         try:
@@ -252,25 +377,29 @@ class Connection(asyncio.BufferedProtocol):
         except p.ProtocolError as exc:
             self.fail(exc.code, f"first {exc.message}")
             return
-        if isinstance(raw, dict) and raw.get("type") == p.HELLO:
-            if raw.get("protocol") != p.PROTOCOL_VERSION:
-                self.fail(
-                    p.E_BAD_VERSION,
-                    f"peer speaks protocol {str(raw.get('protocol'))[:20]},"
-                    f" this master speaks {p.PROTOCOL_VERSION}",
-                )
-                return
-            if not raw.get("mac"):
-                self.name = _name(raw)
-                self.fail(p.E_AUTH_FAILED, "hello carries no mac: the peer has no cluster secret")
-                return
+        # The order of these checks is the one docs/protocol.md section 4 gives.
+        if not isinstance(raw, dict) or raw.get("type") != p.HELLO:
+            what = raw.get("type") if isinstance(raw, dict) else None
+            shown = repr(what[:40]) if isinstance(what, str) else "no hello"
+            self.fail(p.E_BAD_MESSAGE, f"expected a hello message first, got {shown}")
+            return
+        version = raw.get("protocol")
+        if type(version) is not int or version != p.PROTOCOL_VERSION:
+            self.fail(
+                p.E_BAD_VERSION,
+                f"peer speaks protocol {json.dumps(version)[:20]},"
+                f" this master speaks {p.PROTOCOL_VERSION} (a JSON integer)",
+            )
+            return
+        mac = raw.get("mac")
+        if not isinstance(mac, str) or not mac:
+            self.name = _name(raw)
+            self.fail(p.E_AUTH_FAILED, "hello carries no mac: the peer has no cluster secret")
+            return
         try:
             hello = p.validate(raw)
         except p.ProtocolError as exc:
             self.fail(exc.code, exc.message)
-            return
-        if hello["type"] != p.HELLO:
-            self.fail(p.E_BAD_MESSAGE, f"expected a hello message, got {hello['type']!r}")
             return
         kind, node_id, role = hello["kind"], hello["node_id"], hello["role"]
         problem = _check_hello(hello)
@@ -283,8 +412,21 @@ class Connection(asyncio.BufferedProtocol):
         if not p.macs_equal(hello["mac"], expected):
             self.fail(p.E_AUTH_FAILED, "hello mac does not match: wrong cluster secret")
             return
+        details = hello.get("details")
+        if kind == p.KIND_SLAVE:
+            # Checked after the MAC: a stranger learns nothing about the limits' checks.
+            problem = md.check_details({} if details is None else details)
+            if problem:
+                self.fail(p.E_BAD_DETAILS, problem)
+                return
+            node = master.registry.nodes.get(node_id)
+            if node is not None and role not in node.roles and len(node.roles) >= MAX_ROLES:
+                self.fail(p.E_TOO_MANY_ROLES, f"node {node_id} already has {MAX_ROLES} roles")
+                return
         self.authed = True
         self.kind = kind
+        master.admission.authenticated(self)
+        self.decoder.max_frame_size = master.config.cluster.max_frame_size
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -298,7 +440,7 @@ class Connection(asyncio.BufferedProtocol):
         )
         if kind == p.KIND_SLAVE:
             session, old = master.registry.register(
-                node_id, role, self.address, hello.get("details") or {}, self
+                node_id, role, self.address, details or {}, self
             )
             self.session = session
             if old is not None:
@@ -341,7 +483,10 @@ class Connection(asyncio.BufferedProtocol):
                 node = self.master.registry.nodes.get(node_id)
                 if node is None:
                     raise _QueryError(p.E_NOT_FOUND, f"no node {node_id[:_MAX_ID]!r}")
-                self.send(_reply(qid, self.master.registry.node_dict(node)))
+                budget = self.master.config.cluster.max_frame_size // 2
+                text = fit_node(self.master.registry.node_dict(node), budget)
+                body = f'{{"type":"reply","id":{qid},"ok":true,"data":{text}}}'.encode()
+                self.send(_pack(len(body)) + body)
             elif what == "history":
                 self._history(message)
             else:
@@ -350,7 +495,7 @@ class Connection(asyncio.BufferedProtocol):
                     f"unknown query {what[:40]!r} (known: cluster, node, history)",
                 )
         except _QueryError as exc:
-            self.master.counters.bad_messages_total += 1
+            self.master.counters.failed_queries_total += 1
             self.send(
                 p.make(p.REPLY, id=qid, ok=False, error={"code": exc.code, "message": exc.message})
             )
@@ -366,7 +511,8 @@ class Connection(asyncio.BufferedProtocol):
         if since is not None and (not isinstance(since, (int, float)) or isinstance(since, bool)):
             raise _QueryError(p.E_BAD_MESSAGE, "query history field 'since' must be a number")
         limit = _int_field(message, "limit", HISTORY_CAP, 1)
-        limit = min(limit, HISTORY_CAP)
+        if limit > HISTORY_CAP:
+            raise _QueryError(p.E_BAD_MESSAGE, f"query field 'limit' must be 1..{HISTORY_CAP}")
         master = self.master
         budget = master.config.cluster.max_frame_size // 2
         loop = master.loop
@@ -379,13 +525,14 @@ class Connection(asyncio.BufferedProtocol):
 
     def _history_done(self, qid: int, node_id: str, result: Any) -> None:
         if isinstance(result, Exception):
+            self.master.counters.failed_queries_total += 1
             log.error("history of node %s could not be read: %s", node_id, result)
             self.send(
                 p.make(
                     p.REPLY,
                     id=qid,
                     ok=False,
-                    error={"code": "internal", "message": "history could not be read"},
+                    error={"code": p.E_INTERNAL, "message": "history could not be read"},
                 )
             )
             return
@@ -416,12 +563,9 @@ def _ack(seq: int) -> bytes:
     return _pack(len(body)) + body
 
 
-def _reply(qid: int, data: Any) -> bytes:
-    return p.make(p.REPLY, id=qid, ok=True, data=data)
-
-
 def _name(raw: dict[str, Any]) -> str:
-    return f"node_id={str(raw.get('node_id'))[:_MAX_ID]} role={str(raw.get('role'))[:40]}"
+    """node_id/role of a refused hello for a log line: cut, and repr() escapes controls."""
+    return f"node_id={str(raw.get('node_id'))[:_MAX_ID]!r} role={str(raw.get('role'))[:40]!r}"
 
 
 def _int_field(message: dict[str, Any], field: str, default: int, minimum: int) -> int:
@@ -433,21 +577,17 @@ def _int_field(message: dict[str, Any], field: str, default: int, minimum: int) 
     return value
 
 
-def _printable(text: str) -> bool:
-    return text.isprintable() and text == text.strip()
-
-
 def _check_hello(hello: dict[str, Any]) -> str:
     """What is wrong with an otherwise well-typed hello, or ''."""
     kind, node_id, role, nonce = hello["kind"], hello["node_id"], hello["role"], hello["nonce"]
     if kind not in (p.KIND_SLAVE, p.KIND_CLIENT):
         return f"hello kind {kind[:20]!r} is neither 'slave' nor 'client'"
-    if not 0 < len(node_id) <= _MAX_ID or not _printable(node_id):
+    if md.check_name(node_id, _MAX_ID):
         return f"hello node_id must be 1..{_MAX_ID} printable characters"
-    if not 0 < len(role) <= _MAX_ROLE or not _printable(role):
+    if md.check_name(role, _MAX_ROLE):
         return f"hello role must be 1..{_MAX_ROLE} printable characters"
-    if not 16 <= len(nonce) <= 128:
-        return "hello nonce must be 16..128 characters"
+    if not 16 <= len(nonce) <= 128 or not md.printable(nonce):
+        return "hello nonce must be 16..128 printable characters"
     if "details" in hello and not isinstance(hello["details"], dict):
         return "hello details must be a JSON object"
     return ""

@@ -28,6 +28,16 @@ class Counters:
         "goodbyes_total",
         "closed_without_goodbye_total",
         "silent_deaths_total",
+        # Bounds before authentication (admission.py, docs/protocol.md "Limits").
+        "unauthenticated_open",
+        "connections_refused_total",
+        "connections_evicted_total",
+        "accept_errors_total",
+        # Member data refused (memberdata.py) and queries answered ok: false.
+        "details_refused_total",
+        "vitals_refused_total",
+        "vitals_rate_limited_total",
+        "failed_queries_total",
     )
 
     def __init__(self) -> None:

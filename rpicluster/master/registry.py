@@ -15,14 +15,21 @@ injectable so the state machine is tested without sleeping.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import time
 from typing import Any, Callable, Optional
+
+from rpicluster import memberdata as md
+
+log = logging.getLogger("rpicluster.master")
 
 ALIVE = "alive"
 SUSPECT = "suspect"
 DEAD = "dead"
 LEFT = "left"
 STATES = (ALIVE, SUSPECT, DEAD, LEFT)
+MAX_ROLES = 32  # roles a node may hold at once (docs/protocol.md "Limits")
 
 
 class Session:
@@ -55,6 +62,7 @@ class Node:
         "action_errors",
         "sessions",
         "grace_until",
+        "rates",
     )
 
     def __init__(self, node_id: str) -> None:
@@ -70,6 +78,7 @@ class Node:
         self.action_errors: dict[str, dict[str, Any]] = {}
         self.sessions: dict[str, Session] = {}  # role -> session
         self.grace_until: Optional[float] = None  # loaded from disk, not yet reconnected
+        self.rates: dict[str, list[float]] = {}  # role -> vitals token bucket [tokens, at]
 
 
 class Registry:
@@ -225,23 +234,33 @@ class Registry:
     # ----------------------------------------------------------- persistence
 
     def load(self, rows: list[dict[str, Any]]) -> None:
-        """Nodes read from the store at start: not connected, state kept for a grace period."""
+        """Nodes read from the store at start: not connected, state kept for a grace period.
+
+        Rows are cleaned to today's member-data limits (an older master stored
+        whatever a member sent): a bad value is dropped, a row without a valid
+        node id is skipped, and loading never fails on content.
+        """
         now = self.clock()
+        skipped = 0
         for row in rows:
-            node = Node(row["node_id"])
-            node.hostname = row["hostname"]
-            node.address = row["address"]
-            node.roles = list(row["roles"])
-            node.details = row["details"]
-            node.vitals = row["vitals"]
-            node.action_errors = row["action_errors"]
-            last_seen = row["last_seen"]
-            node.seen = None if last_seen is None else last_seen - self._offset
-            node.state = row["state"] if row["state"] in STATES else DEAD
+            try:
+                node = _node_from_row(row)
+            except Exception as exc:  # any shape at all: skip the row, keep the master up
+                log.debug("stored node row skipped: %r", exc)
+                node = None
+            if node is None:
+                skipped += 1
+                continue
+            last_seen = row.get("last_seen")
+            finite = isinstance(last_seen, (int, float)) and not isinstance(last_seen, bool)
+            if finite and math.isfinite(last_seen):
+                node.seen = last_seen - self._offset
             if node.state in (ALIVE, SUSPECT):
                 node.grace_until = now + self.dead_after
                 self.watch.add(node)
             self.nodes[node.node_id] = node
+        if skipped:
+            log.warning("%d stored nodes skipped: no valid node id", skipped)
 
     def row(self, node: Node) -> tuple[Any, ...]:
         """The node as a ``nodes`` table row (see store.py)."""
@@ -293,3 +312,25 @@ class Registry:
         for node in self.nodes.values():
             counts[node.state] += 1
         return counts
+
+
+def _node_from_row(row: dict[str, Any]) -> Optional[Node]:
+    """A node from a stored row, cleaned to the limits; None without a valid node id."""
+    node_id = row.get("node_id")
+    if md.check_name(node_id, md.MAX_NODE_ID):
+        return None
+    node = Node(node_id)
+    node.address = row.get("address") if isinstance(row.get("address"), str) else ""
+    if not md.printable(node.address) or len(node.address) > md.MAX_STRING:
+        node.address = ""
+    roles = row.get("roles")
+    if isinstance(roles, list):
+        node.roles = [r for r in roles if not md.check_name(r, md.MAX_ROLE)][:MAX_ROLES]
+    node.details = md.clean_details(row.get("details"))
+    node.vitals = md.clean_vitals(row.get("vitals"))
+    node.action_errors = md.clean_action_errors(row.get("action_errors"))
+    hostname = node.details.get("hostname")
+    node.hostname = hostname if isinstance(hostname, str) and hostname else node.address
+    state = row.get("state")
+    node.state = state if state in STATES else DEAD
+    return node

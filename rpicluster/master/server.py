@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import errno
 import json
 import logging
 import signal
@@ -20,7 +22,8 @@ from typing import Any, Optional
 from rpicluster import __version__
 from rpicluster import protocol as p
 from rpicluster.config import Config
-from rpicluster.master.connection import Connection
+from rpicluster.master.admission import Admission
+from rpicluster.master.connection import Connection, fit_node
 from rpicluster.master.counters import Counters, LogLimiter
 from rpicluster.master.registry import DEAD, Registry
 from rpicluster.master.store import Store
@@ -38,6 +41,30 @@ LAST_SEEN_INTERVAL = 60.0
 CLOSE_TIMEOUT = 5.0  # seconds a closed connection may take to flush before it is aborted
 STALL_WARNING = 1.0  # seconds of event-loop lateness worth a warning
 READ_BUFFER = 256 * 1024  # bytes read from a socket at once, shared by all connections
+ACCEPT_BATCH = 256  # connections accepted per readiness event before other work runs
+# Out of file descriptors (EMFILE/ENFILE) or kernel memory: stop accepting for a
+# while, doubling from the first to the last delay, instead of retrying (and
+# logging) thousands of times a second as asyncio's own accept loop does.
+ACCEPT_RETRY_FIRST = 0.05
+ACCEPT_RETRY_LAST = 1.0
+FD_RESERVE = 128  # file descriptors kept for the store, logs and the like
+WANTED_NOFILE = 65536  # what the master raises its soft RLIMIT_NOFILE to (up to the hard one)
+_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE towards WANTED_NOFILE; return it (0 when unknown)."""
+    try:
+        import resource
+    except ImportError:  # not on a Pi
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = WANTED_NOFILE if hard == resource.RLIM_INFINITY else min(WANTED_NOFILE, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return 0 if soft == resource.RLIM_INFINITY else int(soft)
 
 
 class Master:
@@ -59,7 +86,15 @@ class Master:
         self.stopping = False
         self.started_at = 0.0
         self.hostname = socket.gethostname()
-        self._server: Optional[asyncio.base_events.Server] = None
+        self._listener: Optional[socket.socket] = None
+        self._accept_delay = ACCEPT_RETRY_FIRST
+        settings = config.master
+        self.max_connections = settings.max_connections
+        self.admission = Admission(
+            settings.max_connections,
+            settings.max_unauthenticated,
+            settings.max_unauthenticated_per_address,
+        )
         self._thread: Optional[threading.Thread] = None
         self._timers: list[asyncio.TimerHandle] = []
         self._last_sweep = self.clock()
@@ -69,6 +104,8 @@ class Master:
         self.log_leaves = LogLimiter("disconnections")
         self.log_deaths = LogLimiter("silent nodes marked dead")
         self.log_refusals = LogLimiter("refused connections")
+        self.log_members = LogLimiter("refused member messages")
+        self.log_loop = LogLimiter("event loop errors")
         # Often enough to mark a silent node dead well within dead_after + 0.5 s,
         # rarely enough to cost nothing with 10,000 nodes.
         self.sweep_interval = min(0.25, max(0.02, cluster.dead_after / 20))
@@ -81,6 +118,17 @@ class Master:
         assert settings is not None
         self.store = Store(settings.state_dir, settings.history_window)
         rows = self.store.load_nodes()
+        nofile = raise_nofile_limit()
+        if nofile and self.max_connections > nofile - FD_RESERVE:
+            cap = max(16, nofile - FD_RESERVE)
+            log.warning(
+                "max_connections %d is above what RLIMIT_NOFILE %d allows; using %d"
+                " (raise LimitNOFILE in the unit)",
+                self.max_connections,
+                nofile,
+                cap,
+            )
+            self.max_connections = self.admission.max_connections = cap
         self.registry.load(rows)
         self.started_at = round(self.registry.wall(), 3)
         self.store.start()
@@ -105,18 +153,17 @@ class Master:
 
     def _run(self, ready: concurrent.futures.Future[None]) -> None:
         loop = self.loop = asyncio.new_event_loop()
+        loop.set_exception_handler(self._loop_exception)
         settings = self.config.master
         assert settings is not None
+        host = settings.socket_bind_ip or "0.0.0.0"
         try:
-            self._server = loop.run_until_complete(
-                loop.create_server(
-                    lambda: Connection(self),
-                    host=settings.socket_bind_ip or None,
-                    port=settings.socket_port,
-                    backlog=LISTEN_BACKLOG,
-                    reuse_address=True,
-                )
+            listener = socket.create_server(
+                (host, settings.socket_port),
+                family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                backlog=LISTEN_BACKLOG,
             )
+            listener.setblocking(False)
         except BaseException as exc:
             loop.close()
             ready.set_exception(
@@ -126,7 +173,9 @@ class Master:
                 )
             )
             return
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        loop.add_reader(listener.fileno(), self._accept)
         self._every(self.sweep_interval, self._sweep)
         self._every(FLUSH_INTERVAL, self._flush)
         self._every(LAST_SEEN_INTERVAL, self._flush_last_seen)
@@ -134,7 +183,81 @@ class Master:
         try:
             loop.run_forever()
         finally:
+            listener.close()
             loop.close()
+
+    # ------------------------------------------------------------- accepting
+
+    def _accept(self) -> None:
+        """Accept a batch of connections, admitting each against the caps (admission.py)."""
+        listener = self._listener
+        if listener is None or self.stopping:
+            return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                self._accept_failed(exc)
+                return
+            self._accept_delay = ACCEPT_RETRY_FIRST
+            sock.setblocking(False)
+            address = str(addr[0]) if isinstance(addr, tuple) else ""
+            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "?"
+            reason = self.admission.refuse_reason(address)
+            if reason:
+                self.counters.connections_refused_total += 1
+                self.log_refusals(
+                    self.clock(), logging.WARNING, "connection from %s refused: %s", peer, reason
+                )
+                with contextlib.suppress(OSError):
+                    sock.send(p.make(p.ERROR, code=p.E_TOO_MANY_CONNECTIONS, message=reason))
+                sock.close()
+                continue
+            conn = Connection(self, address, peer)
+            victim = self.admission.admit(conn, address)
+            if victim is not None:
+                victim.evict()
+            self.loop.create_task(self._attach(sock, conn))
+
+    async def _attach(self, sock: socket.socket, conn: Connection) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: conn, sock=sock)
+        except Exception as exc:  # the peer vanished in between; nothing to serve
+            log.debug("connection from %s could not be set up: %r", conn.peer, exc)
+            sock.close()
+            self.admission.release(conn)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        listener = self._listener
+        if exc.errno not in _RESOURCE_ERRORS or listener is None:
+            self.log_refusals(self.clock(), logging.ERROR, "accept() failed: %s", exc)
+            return
+        delay = self._accept_delay
+        self._accept_delay = min(ACCEPT_RETRY_LAST, delay * 2)
+        self.counters.accept_errors_total += 1
+        self.log_refusals(
+            self.clock(),
+            logging.ERROR,
+            "cannot accept connections: %s; not accepting for %g s",
+            exc,
+            delay,
+        )
+        self.loop.remove_reader(listener.fileno())
+        self.loop.call_later(delay, self._resume_accept)
+
+    def _resume_accept(self) -> None:
+        if self._listener is not None and not self.stopping:
+            self.loop.add_reader(self._listener.fileno(), self._accept)
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # Rate-limited: an error that repeats per connection must not flood the journal.
+        self.log_loop(self.clock(), logging.ERROR, "event loop: %s", context.get("message"))
+        if self.log_loop.count <= self.log_loop.limit:
+            loop.default_exception_handler(context)
 
     def _every(self, interval: float, fn: Any) -> None:
         def tick() -> None:
@@ -177,8 +300,8 @@ class Master:
         self.stopping = True
         for timer in self._timers:
             timer.cancel()
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self.loop.remove_reader(self._listener.fileno())
         goodbye = p.make(p.GOODBYE, reason="master shutting down")
         for conn in list(self.connections):
             if not conn.closed and conn.transport is not None:
@@ -226,12 +349,21 @@ class Master:
         if late > STALL_WARNING:
             # A starved CPU or a blocked disk: say so, or the deaths that follow look random.
             log.warning("event loop ran %.1f s late (master starved of CPU or blocked)", late)
-        for limiter in (self.log_joins, self.log_leaves, self.log_deaths, self.log_refusals):
+        for limiter in (
+            self.log_joins,
+            self.log_leaves,
+            self.log_deaths,
+            self.log_refusals,
+            self.log_members,
+            self.log_loop,
+        ):
             limiter.flush(now)
         closed_nodes = set()
         for session in registry.sweep(grace=late):
             node = session.node
-            session.conn.close()
+            session.conn.close(
+                p.E_SILENT, f"no message for {registry.dead_after:g} s: node or role presumed dead"
+            )
             if node.node_id not in closed_nodes:
                 closed_nodes.add(node.node_id)
                 if node.state == DEAD:
@@ -270,6 +402,7 @@ class Master:
         }
         if full:
             info["nodes"] = self.registry.counts()
+            self.counters.unauthenticated_open = self.admission.pending
             info["counters"] = self.counters.as_dict()
             if self.store is not None:  # whether writes fail or lag (store.py)
                 info["store"] = self.store.health()
@@ -283,10 +416,11 @@ class Master:
         budget = self.config.cluster.max_frame_size // 2
         head = json.dumps(self.master_dict())
         size = len(head) + 200
+        node_budget = budget - size
         parts: list[str] = []
         index = offset
         while index < total and len(parts) < limit:
-            text = json.dumps(registry.node_dict(nodes[index]))
+            text = fit_node(registry.node_dict(nodes[index]), node_budget)
             if parts and size + len(text) + 1 > budget:
                 break
             parts.append(text)
