@@ -68,6 +68,9 @@ def write_config(state_dir: str, port: int, **cluster: Any) -> str:
     keys = {"secret": SECRET, **cluster}
     text = "[cluster]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
     text += f"[master]\nsocket_bind_ip = {HOST}\nsocket_port = {port}\nstate_dir = {state_dir}\n"
+    # Every simulated Pi shares 127.0.0.1: a real Pi holds one pending connection
+    # per role, so the per-address cap (default 64) is raised for the bench alone.
+    text += "max_unauthenticated_per_address = 4096\n"
     path = Path(state_dir) / "master.cfg"
     path.write_text(text)
     return str(path)

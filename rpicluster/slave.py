@@ -165,6 +165,14 @@ class _Link:
             logger.error("master reports error %s: %s", message["code"], message["message"][:200])
             if message["code"] in (protocol.E_REPLACED, protocol.E_AUTH_FAILED):
                 self.close(f"master closed the connection ({message['code']})")
+        elif kind == protocol.REFUSED:
+            # One message was refused (a limit of docs/protocol.md); the link stays up.
+            logger.warning(
+                "master refused %d message(s): %s: %s",
+                message["count"],
+                message["code"],
+                message["message"][:200],
+            )
         elif kind == protocol.GOODBYE:
             self.master_left = True
             self.close(f"master said goodbye: {message['reason'][:200]}")
