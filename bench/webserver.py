@@ -116,17 +116,24 @@ class SimFleet:
             self.socks[i].sendall(frame)
 
     def preload(self, seconds: float) -> int:
-        """Send ``seconds`` of past vitals for every node, oldest first; return the count."""
+        """Send ``seconds`` of past vitals for every node, oldest first; return the count.
+
+        Paced at the master's vitals rate per (node, role), 20 reports a second
+        (docs/protocol.md "Limits"): sent at once, all but a burst would be refused.
+        """
         now = time.time()
-        sent = 0
-        for i in range(len(self.socks)):
-            stamps = [now - seconds + k * VITALS_INTERVAL for k in range(int(seconds // 5))]
-            frames = b"".join(
-                p.make(p.VITALS, vitals=fake_vitals(ts, self.rng, i)) for ts in stamps
-            )
-            self.send(i, frames)
-            sent += len(stamps)
-        return sent
+        stamps = [now - seconds + k * VITALS_INTERVAL for k in range(int(seconds // 5))]
+        per_node = [
+            [p.make(p.VITALS, vitals=fake_vitals(ts, self.rng, i)) for ts in stamps]
+            for i in range(len(self.socks))
+        ]
+        step = 20
+        for start in range(0, len(stamps), step):
+            began = time.monotonic()
+            for i, frames in enumerate(per_node):
+                self.send(i, b"".join(frames[start : start + step]))
+            time.sleep(max(0.0, 1.05 - (time.monotonic() - began)))
+        return len(stamps) * len(self.socks)
 
     def _run(self) -> None:
         """Heartbeats every second, vitals every 5 s at each node's phase; drain replies."""
