@@ -221,7 +221,26 @@ class Master:
             victim = self.admission.admit(conn, address)
             if victim is not None:
                 victim.evict()
+            self._serve(sock, conn, addr)
+
+    def _serve(self, sock: socket.socket, conn: Connection, addr: Any) -> None:
+        """Wrap an accepted socket in a transport for ``conn``.
+
+        asyncio's own accept loop calls the loop's ``_make_socket_transport``
+        directly; doing the same here (when the loop has it) costs no task, no
+        coroutine and no future per connection, which is what a flood of short
+        connections would otherwise spend the master's CPU on.
+        """
+        make = getattr(self.loop, "_make_socket_transport", None)
+        if make is None:
             self.loop.create_task(self._attach(sock, conn))
+            return
+        try:
+            make(sock, conn, extra={"peername": addr})
+        except Exception as exc:  # the peer vanished in between; nothing to serve
+            log.debug("connection from %s could not be set up: %r", conn.peer, exc)
+            sock.close()
+            self.admission.release(conn)
 
     async def _attach(self, sock: socket.socket, conn: Connection) -> None:
         try:
