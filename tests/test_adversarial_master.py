@@ -371,3 +371,17 @@ def _poison_member(port, secret, rss, master) -> None:
             p.recv_message(sock)
         sock.close()
     assert psutil.pid_exists(master.proc.pid)
+
+
+def test_event_loop_errors_are_rate_limited(master, caplog):
+    done = threading.Event()
+
+    def report_many() -> None:
+        for _ in range(200):
+            master.loop.call_exception_handler({"message": "socket.accept() out of resources"})
+        done.set()
+
+    master.loop.call_soon_threadsafe(report_many)
+    assert done.wait(5)
+    lines = [r for r in caplog.records if "out of resources" in r.getMessage()]
+    assert 1 <= len(lines) <= 20

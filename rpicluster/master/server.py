@@ -274,9 +274,14 @@ class Master:
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         # Rate-limited: an error that repeats per connection must not flood the journal.
-        self.log_loop(self.clock(), logging.ERROR, "event loop: %s", context.get("message"))
-        if self.log_loop.count <= self.log_loop.limit:
+        limiter, now = self.log_loop, self.clock()
+        if now - limiter.start >= limiter.window:
+            limiter.flush(now)
+        limiter.count += 1
+        if limiter.count <= limiter.limit:
             loop.default_exception_handler(context)
+        else:
+            limiter.suppressed += 1
 
     def _every(self, interval: float, fn: Any) -> None:
         def tick() -> None:
