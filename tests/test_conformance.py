@@ -221,9 +221,8 @@ def test_happy_path(master, cluster_secret, probe):
     # The doc's heartbeat, byte by byte, and its acknowledgement.
     sock.sendall(bytes.fromhex("00000033") + b'{"type":"heartbeat","seq":1,"sent_at":1795822963.5}')
     assert _exactly(sock, 36) == bytes.fromhex("00000020") + b'{"type":"heartbeat_ack","seq":1}'
-    sock.sendall(
-        msg(type="vitals", vitals={"ts": 1795822964.0, "load_1": 0.5, "temperature": None})
-    )
+    # A point of now: the master keeps only history_window seconds of history.
+    sock.sendall(msg(type="vitals", vitals={"ts": time.time(), "load_1": 0.5, "temperature": None}))
     sock.sendall(msg(type="action_error", error="boom", count=1))
     sock.sendall(msg(type="query", id=7, what="node", node_id="conf-1"))
     reply = recv(sock)
