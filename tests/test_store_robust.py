@@ -564,3 +564,27 @@ def test_stop_saves_the_registry_itself_when_the_shutdown_coroutine_fails(
     nodes, points = saved(state_dir)
     assert [node_id for node_id, _ in nodes] == ["node-1"]
     assert [ts for _, ts in points] == [base + i for i in range(3)]
+
+
+def test_a_master_starts_on_an_old_database_with_undecodable_and_deeply_nested_rows(
+    tmp_path, master_factory
+):
+    # Rows as a damaged card or an older master may have left them: TEXT that is not
+    # UTF-8, JSON nested past the decoder's recursion limit, and one good node.
+    state_dir = tmp_path / "old"
+    Store(str(state_dir), 3600).close()
+    conn = sqlite3.connect(str(state_dir / "rpicluster.db"))
+    columns = "node_id, hostname, address, roles, state, last_seen, details, vitals, action_errors"
+    row = "(?, ?, '10.0.0.9', '[\"basic\"]', 'dead', 1.0, ?, NULL, '{}')"
+    details = b'{"hostname": "rasp\xffberry"}'
+    conn.execute(f"INSERT INTO nodes ({columns}) VALUES {row}", ("bad-text", "x", details))
+    conn.execute("UPDATE nodes SET details = CAST(details AS TEXT) WHERE node_id = 'bad-text'")
+    assert conn.execute("SELECT typeof(details) FROM nodes").fetchone() == ("text",)
+    conn.execute(f"INSERT INTO nodes ({columns}) VALUES {row}", ("deep", "deep", "[" * 100_000))
+    conn.execute(f"INSERT INTO nodes ({columns}) VALUES {row}", ("good", "good", "{}"))
+    conn.commit()
+    conn.close()
+    master = master_factory(state_dir=str(state_dir))
+    nodes = {node["node_id"]: node for node in master.cluster_state()["nodes"]}
+    assert "good" in nodes and "deep" not in nodes
+    assert "\ufffd" in nodes["bad-text"]["hostname"]  # read with U+FFFD, not a failed start

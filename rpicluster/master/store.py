@@ -121,8 +121,15 @@ def points_cap(history_window: float) -> int:
     return max(POINTS_PER_NODE, int(history_window))
 
 
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    # A database written by an older master (or damaged) may hold TEXT that is not
+    # UTF-8: read it with U+FFFD rather than fail the whole query and the start.
+    conn.text_factory = _text
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
@@ -259,7 +266,8 @@ class Store:
                         "action_errors": json.loads(row[8]),
                     }
                 )
-            except ValueError:
+            except (ValueError, TypeError, RecursionError):
+                # Not JSON, not text, or nested deeper than the decoder goes.
                 log.warning("%s: skipping node %r with a corrupt row", self.path, row[0])
         return nodes
 
