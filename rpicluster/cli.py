@@ -33,6 +33,12 @@ logger = logging.getLogger("rpicluster")
 EXIT_OK = 0
 EXIT_UNREACHABLE = 1
 EXIT_CONFIG = 2
+# `rpicluster forget` (contract with playbooks/remove.yml): 0 forgotten, 1 not
+# known (already forgotten: nothing to do), 2 usage/config error or an ambiguous
+# name, 3 refused because the node is connected, 4 the master could not be asked.
+EXIT_NOT_KNOWN = 1
+EXIT_CONNECTED = 3
+EXIT_NO_MASTER = 4
 LOG_FORMAT = "%(levelname)s %(threadName)s %(name)s: %(message)s"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -295,6 +301,46 @@ def run_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------- forget
+
+
+def run_forget(args: argparse.Namespace) -> int:
+    """Remove a node and its history from the master (docs/protocol.md 8.5)."""
+    config = _load(args.config, "any")
+    if config is None:
+        return EXIT_CONFIG
+    from rpicluster import protocol
+    from rpicluster.client import ClientError, MasterClient, QueryFailed
+    from rpicluster.config import ConfigError
+    from rpicluster.displayable import text
+
+    try:
+        host, port = config.master_address()
+    except ConfigError as exc:
+        print(f"rpicluster: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        with MasterClient(host, port, config.cluster.secret, timeout=args.timeout) as client:
+            data = client.forget(args.node, force=args.force)
+    except QueryFailed as exc:
+        print(f"rpicluster forget: {exc}", file=sys.stderr)
+        codes = {
+            protocol.E_NOT_FOUND: EXIT_NOT_KNOWN,
+            protocol.E_CONNECTED: EXIT_CONNECTED,
+        }
+        return codes.get(exc.code, EXIT_CONFIG)
+    except ClientError as exc:
+        print(f"rpicluster forget: {exc}", file=sys.stderr)
+        return EXIT_NO_MASTER
+    closed = data.get("connections_closed")
+    extra = f"; {closed} connection(s) closed" if isinstance(closed, int) and closed else ""
+    print(
+        f"forgot node {text(data.get('name'), 64)} ({text(data.get('node_id'), 128)}),"
+        f" was {text(data.get('state'), 16)}{extra}"
+    )
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -312,6 +358,24 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=5.0, help="seconds to wait for the master (default 5)"
     )
     status.set_defaults(run=run_status)
+    forget = commands.add_parser(
+        "forget",
+        help="remove a retired node and its history from the master",
+        description="Remove a node and its history from the master. Exit status: 0 forgotten,"
+        " 1 no such node, 2 usage or config error (or a name shared by several nodes),"
+        " 3 refused: the node is connected (stop its slave, or --force), 4 master unreachable.",
+    )
+    _common(forget)
+    forget.add_argument("node", metavar="NODE", help="the node's name or node id")
+    forget.add_argument(
+        "--force",
+        action="store_true",
+        help="forget a connected node too (its connections are closed; a running slave rejoins)",
+    )
+    forget.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the master (default 5)"
+    )
+    forget.set_defaults(run=run_forget)
     master = commands.add_parser("master", help="run the master (as rpicluster-master)")
     _common(master)
     master.set_defaults(run=run_master)
@@ -339,7 +403,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``rpicluster``: sub-commands ``status``, ``master``, ``slave``."""
+    """``rpicluster``: sub-commands ``status``, ``forget``, ``master``, ``slave``."""
     args = _parser().parse_args(argv)
     return _dispatch(args)
 

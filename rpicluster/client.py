@@ -19,7 +19,11 @@ class ClientError(Exception):
 
 
 class QueryFailed(ClientError):
-    """The master answered a query with an error."""
+    """The master answered a query with an error; ``code`` is its ``error.code``."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class MasterClient:
@@ -129,8 +133,19 @@ class MasterClient:
             self.close()
             raise ClientError(f"connection to the master at {self.where} lost: {exc}") from None
         if not message["ok"]:
-            raise QueryFailed(f"query {what!r}: {message.get('error', 'failed')}")
+            error = message.get("error")
+            error = error if isinstance(error, dict) else {}
+            code = error.get("code") if isinstance(error.get("code"), str) else ""
+            text = error.get("message") if isinstance(error.get("message"), str) else "failed"
+            raise QueryFailed(f"query {what!r}: {code or 'error'}: {text}", code)
         return message.get("data")
+
+    def forget(self, node: str, force: bool = False) -> dict[str, Any]:
+        """Make the master forget ``node`` (name or id); :class:`QueryFailed` says why not."""
+        data = self.query("forget", node=node, force=force)
+        if not isinstance(data, dict):
+            raise ClientError(f"master at {self.where} sent a malformed forget reply")
+        return data
 
     def cluster_state(self, page_size: Optional[int] = None) -> dict[str, Any]:
         """The whole cluster, all pages: ``{"master": {...}, "nodes": [...]}``."""

@@ -26,6 +26,8 @@ MIN_SECRET_LENGTH = 16
 DEFAULT_MAX_CONNECTIONS = 30000  # 10,000 Pis with 2-3 roles each, well below LimitNOFILE
 DEFAULT_MAX_UNAUTHENTICATED = 1024
 DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS = 64
+DEFAULT_FORGET_AFTER = 7 * 24 * 3600.0  # a week: a Pi away for a weekend is not forgotten
+MAX_FORGET_AFTER = 10 * 365 * 24 * 3600.0
 
 _DOTTED_ROLE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
@@ -67,6 +69,8 @@ class MasterSettings:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED
     max_unauthenticated_per_address: int = DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
+    # Seconds a node may stay dead or left before the master forgets it (0: never).
+    forget_after: float = DEFAULT_FORGET_AFTER
 
 
 @dataclass(frozen=True)
@@ -206,9 +210,20 @@ def _read_cluster(r: _Reader) -> ClusterSettings:
     )
 
 
-def _read_master(r: _Reader) -> MasterSettings:
+def _read_master(r: _Reader, cluster: ClusterSettings) -> MasterSettings:
     s = "master"
+    forget_after = r.number(
+        s, "forget_after", DEFAULT_FORGET_AFTER, minimum=0.0, maximum=MAX_FORGET_AFTER
+    )
+    if 0 < forget_after <= cluster.dead_after:
+        raise r.error(
+            s,
+            "forget_after",
+            f"{forget_after:g} must be 0 (never forget) or longer than dead_after"
+            f" {cluster.dead_after:g}",
+        )
     return MasterSettings(
+        forget_after=forget_after,
         socket_bind_ip=r.text(s, "socket_bind_ip", "0.0.0.0"),
         socket_port=r.port(s, "socket_port", DEFAULT_PORT),
         state_dir=r.text(s, "state_dir", DEFAULT_STATE_DIR),
@@ -314,7 +329,7 @@ def parse_config(text: str, path: str = "<string>", *, need: str = "any") -> Con
     if need in ("master", "slave") and not parser.has_section(need):
         raise ConfigError(path, need, None, "section is missing")
     cluster = _read_cluster(r)
-    master = _read_master(r) if parser.has_section("master") else None
+    master = _read_master(r, cluster) if parser.has_section("master") else None
     slave = _read_slave(r) if parser.has_section("slave") else None
     if need == "any" and master is None and slave is None:
         raise ConfigError(path, None, None, "needs a [master] or a [slave] section")

@@ -70,11 +70,14 @@ E_BAD_DETAILS = "bad_details"  # hello details break the member-data limits
 E_TOO_MANY_ROLES = "too_many_roles"  # a node may hold at most MAX_ROLES roles
 E_SILENT = "silent"  # no message for dead_after seconds
 E_RATE_EXCEEDED = "rate_exceeded"  # refused messages kept coming much faster than allowed
+E_FORGOTTEN = "forgotten"  # an operator forgot the node (``rpicluster forget --force``)
 # Codes of ``refused`` notices (not fatal) and of failed query replies.
 E_BAD_VITALS = "bad_vitals"
 E_VITALS_RATE = "vitals_rate_limited"
 E_BAD_ACTION_ERROR = "bad_action_error"
 E_INTERNAL = "internal"
+E_CONNECTED = "connected"  # forget refused: the node is connected (ask with force)
+E_AMBIGUOUS = "ambiguous"  # forget refused: several nodes have that name (use the node id)
 
 # Required fields and their JSON types, per message type (``type`` itself excluded).
 _NUMBER = (int, float)

@@ -426,12 +426,49 @@ def test_query_failures_are_replies(master, cluster_secret, probe):
     assert after["bad_messages_total"] == before["bad_messages_total"]
 
 
+def test_forget_query(master, cluster_secret, probe):
+    """Section 8.5: each answer of the forget query, and `forgotten` for a forced one."""
+    before = probe.counters()
+    held = join(master.port, cluster_secret, node_id="f-1", details={"hostname": "pi-f"})
+    for fields, code in [
+        ({"node": "nobody"}, "not_found"),
+        ({"node": "pi-f"}, "connected"),
+        ({"node": "pi-f", "force": 1}, "bad_message"),
+        ({"node": ""}, "bad_message"),
+        ({}, "bad_message"),
+    ]:
+        reply = probe.query(what="forget", **fields)
+        assert reply["ok"] is False and reply["error"]["code"] == code, (fields, reply)
+    for node_id in ("f-2", "f-3"):  # two dead nodes sharing a name
+        join(master.port, cluster_secret, node_id=node_id, details={"hostname": "twin"}).close()
+    wait_for(lambda: probe.query(what="node", node_id="f-3")["data"]["state"] == "dead", 5)
+    reply = probe.query(what="forget", node="twin")
+    assert reply["ok"] is False and reply["error"]["code"] == "ambiguous"
+    assert "f-2" in reply["error"]["message"] and "f-3" in reply["error"]["message"]
+    reply = probe.query(what="forget", node="f-2")
+    assert reply["ok"] is True
+    assert reply["data"] == {"node_id": "f-2", "name": "twin", "state": "dead",
+                             "connections_closed": 0}  # fmt: skip
+    reply = probe.query(what="forget", node="pi-f", force=True)
+    assert reply["ok"] is True and reply["data"]["connections_closed"] == 1
+    closed_with(held, "forgotten")
+    bumped(probe, "forgotten", before)
+    page = probe.query(what="cluster")["data"]
+    assert [n["node_id"] for n in page["nodes"]] == ["f-3"]
+    assert page["master"]["forget_after"] == 604800
+    slave = join(master.port, cluster_secret, node_id="f-4")
+    slave.sendall(msg(type="query", id=1, what="forget", node="f-3"))
+    reply = recv(slave)
+    assert reply["ok"] is False and reply["error"]["code"] == "bad_message"
+    slave.close()
+
+
 def test_every_error_code_of_the_doc_is_covered():
     codes = set(COUNTED)
     covered = {
         "too_many_connections", "bad_frame", "frame_too_large", "bad_message", "unknown_type",
         "bad_protocol_version", "auth_failed", "bad_details", "too_many_roles",
         "handshake_timeout", "replaced", "silent", "rate_exceeded", "vitals_rate_limited",
-        "bad_vitals", "bad_action_error",
+        "bad_vitals", "bad_action_error", "forgotten",
     }  # fmt: skip
     assert codes == covered

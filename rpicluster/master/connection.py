@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from rpicluster import memberdata as md
 from rpicluster import protocol as p
-from rpicluster.master.registry import MAX_ROLES, Session
+from rpicluster.master.registry import MAX_ROLES, Session, node_label
 from rpicluster.master.store import read_history
 
 if TYPE_CHECKING:
@@ -489,16 +489,57 @@ class Connection(asyncio.BufferedProtocol):
                 self.send(_pack(len(body)) + body)
             elif what == "history":
                 self._history(message)
+            elif what == "forget":
+                self._forget(qid, message)
             else:
                 raise _QueryError(
                     p.E_BAD_MESSAGE,
-                    f"unknown query {what[:40]!r} (known: cluster, node, history)",
+                    f"unknown query {what[:40]!r} (known: cluster, node, history, forget)",
                 )
         except _QueryError as exc:
             self.master.counters.failed_queries_total += 1
             self.send(
                 p.make(p.REPLY, id=qid, ok=False, error={"code": exc.code, "message": exc.message})
             )
+
+    def _forget(self, qid: int, message: dict[str, Any]) -> None:
+        """``rpicluster forget``: remove a node and its history (docs/protocol.md 8.5).
+
+        Only a ``client`` connection may ask: a slave role has no business
+        removing its peers. A connected node is refused unless ``force`` is true.
+        """
+        if self.kind != p.KIND_CLIENT:
+            raise _QueryError(p.E_BAD_MESSAGE, "only a client connection may ask forget")
+        wanted = message.get("node")
+        force = message.get("force", False)
+        if not isinstance(wanted, str) or md.check_name(wanted, md.MAX_STRING):
+            raise _QueryError(
+                p.E_BAD_MESSAGE, f"query forget needs a field 'node': a name of 1..{md.MAX_STRING}"
+            )
+        if not isinstance(force, bool):
+            raise _QueryError(p.E_BAD_MESSAGE, "query forget field 'force' must be true or false")
+        master = self.master
+        found = master.registry.find(wanted)
+        if not found:
+            raise _QueryError(p.E_NOT_FOUND, f"no node {wanted!r}")
+        if len(found) > 1:
+            ids = ", ".join(sorted(node.node_id for node in found)[:8])
+            raise _QueryError(
+                p.E_AMBIGUOUS, f"{len(found)} nodes are named {wanted!r} ({ids}): give the node id"
+            )
+        node = found[0]
+        if node.sessions and not force:
+            raise _QueryError(
+                p.E_CONNECTED,
+                f"node {node.node_id} ({wanted}) is connected: stop its slave first, or force",
+            )
+        data = {
+            "node_id": node.node_id,
+            "name": node_label(node),
+            "state": node.state,
+            "connections_closed": master.forget_node(node.node_id, f"forgotten by {self.name}"),
+        }
+        self.send(p.make(p.REPLY, id=qid, ok=True, data=data))
 
     def _history(self, message: dict[str, Any]) -> None:
         qid = message["id"]

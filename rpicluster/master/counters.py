@@ -38,6 +38,8 @@ class Counters:
         "vitals_refused_total",
         "vitals_rate_limited_total",
         "failed_queries_total",
+        # Nodes removed with their history: ``rpicluster forget`` and forget_after.
+        "nodes_forgotten_total",
     )
 
     def __init__(self) -> None:

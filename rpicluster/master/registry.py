@@ -106,6 +106,7 @@ class Registry:
         self.dirty: set[str] = set()
         self.pending_vitals: list[tuple[str, float, str]] = []
         self._offset = 0.0
+        self.started = clock()  # stands in for the last-seen time of a node loaded without one
         self.sync_clock()
 
     # ----------------------------------------------------------------- clocks
@@ -231,6 +232,52 @@ class Registry:
                         to_close.append(session)
         return to_close
 
+    # -------------------------------------------------------------- forgetting
+
+    def find(self, wanted: str) -> list[Node]:
+        """The nodes ``wanted`` names: its node id first, else every node of that name.
+
+        A node's name is its ``node_name`` (names, contract 1), else its hostname.
+        Two Pis may share a name; the caller refuses an ambiguous one.
+        """
+        node = self.nodes.get(wanted)
+        if node is not None:
+            return [node]
+        return [n for n in self.nodes.values() if node_label(n) == wanted]
+
+    def forget(self, node_id: str) -> list[Session]:
+        """Remove a node and its pending history; return its sessions for the caller to close.
+
+        The sessions are detached first, so their closing changes nothing here.
+        """
+        node = self.nodes.pop(node_id, None)
+        if node is None:
+            return []
+        sessions = list(node.sessions.values())
+        node.sessions.clear()
+        self.watch.discard(node)
+        self.dirty.discard(node_id)
+        if any(point[0] == node_id for point in self.pending_vitals):
+            self.pending_vitals = [pt for pt in self.pending_vitals if pt[0] != node_id]
+        return sessions
+
+    def stale(self, forget_after: float) -> list[str]:
+        """Ids of nodes not connected and not heard from for ``forget_after`` seconds.
+
+        A node loaded without a last-seen time counts from the registry's start,
+        so an old database's nodes are forgotten too, never at once.
+        """
+        if forget_after <= 0:
+            return []
+        before = self.clock() - forget_after
+        return [
+            node.node_id
+            for node in self.nodes.values()
+            if not node.sessions
+            and node.state in (DEAD, LEFT)
+            and (node.seen if node.seen is not None else self.started) < before
+        ]
+
     # ----------------------------------------------------------- persistence
 
     def load(self, rows: list[dict[str, Any]]) -> None:
@@ -312,6 +359,12 @@ class Registry:
         for node in self.nodes.values():
             counts[node.state] += 1
         return counts
+
+
+def node_label(node: Node) -> str:
+    """A node's name: ``node_name`` of its details (names), else its hostname."""
+    name = getattr(node, "name", None) or node.details.get("node_name")
+    return name if isinstance(name, str) and name else node.hostname
 
 
 def _node_from_row(row: dict[str, Any]) -> Optional[Node]:

@@ -38,6 +38,11 @@ FLUSH_INTERVAL = 0.5  # seconds between two batches of changed rows to the store
 # SD card 10,000 row updates every few seconds, and the event loop the stall that
 # each batch's GIL contention costs (seen as heartbeat round-trip tail at 10,000).
 LAST_SEEN_INTERVAL = 60.0
+# How often nodes gone for longer than forget_after are looked for, and how many
+# are forgotten per pass at most (a week-old database of 10,000 dead nodes is
+# forgotten over a few minutes, not in one long stall of the loop).
+FORGET_INTERVAL = 60.0
+FORGET_BATCH = 500
 CLOSE_TIMEOUT = 5.0  # seconds a closed connection may take to flush before it is aborted
 STALL_WARNING = 1.0  # seconds of event-loop lateness worth a warning
 READ_BUFFER = 256 * 1024  # bytes read from a socket at once, shared by all connections
@@ -100,6 +105,8 @@ class Master:
         self._last_sweep = self.clock()
         self._final_flush_done = False  # set by _shutdown once the store has every row
         self.close_timeout = CLOSE_TIMEOUT
+        # A tenth of forget_after, so a short one (a test's) is honoured closely.
+        self.forget_interval = min(FORGET_INTERVAL, max(0.25, settings.forget_after / 10))
         self.log_joins = LogLimiter("joins")
         self.log_leaves = LogLimiter("disconnections")
         self.log_deaths = LogLimiter("silent nodes marked dead")
@@ -179,6 +186,7 @@ class Master:
         self._every(self.sweep_interval, self._sweep)
         self._every(FLUSH_INTERVAL, self._flush)
         self._every(LAST_SEEN_INTERVAL, self._flush_last_seen)
+        self._every(self.forget_interval, self._forget_stale)
         ready.set_result(None)
         try:
             loop.run_forever()
@@ -406,6 +414,30 @@ class Master:
         self.store.save_nodes(self.registry.take_dirty_rows())
         self.store.add_vitals(self.registry.take_vitals())
 
+    def forget_node(self, node_id: str, why: str) -> int:
+        """Remove a node from the registry and the store; close its connections.
+
+        Returns how many connections were closed (``error`` ``forgotten``). A slave
+        still running reconnects and joins as new: stop it first to retire a Pi.
+        """
+        sessions = self.registry.forget(node_id)
+        for session in sessions:
+            conn = session.conn
+            conn.session = None  # its closing must not touch the registry again
+            conn.close(p.E_FORGOTTEN, "this node was forgotten by the master's operator")
+        self.store.forget(node_id)
+        self.counters.nodes_forgotten_total += 1
+        log.info("node %s forgotten (%s); %d connection(s) closed", node_id, why, len(sessions))
+        return len(sessions)
+
+    def _forget_stale(self) -> None:
+        """Forget the nodes dead or left for longer than ``[master] forget_after``."""
+        settings = self.config.master
+        assert settings is not None
+        stale = self.registry.stale(settings.forget_after)
+        for node_id in stale[:FORGET_BATCH]:
+            self.forget_node(node_id, f"not seen for more than {settings.forget_after:g} s")
+
     def _flush_last_seen(self) -> None:
         self.store.save_last_seen(self.registry.last_seen_rows())
 
@@ -424,6 +456,8 @@ class Master:
             "dead_after": cluster.dead_after,
             "max_frame_size": cluster.max_frame_size,
         }
+        if full and self.config.master is not None:
+            info["forget_after"] = self.config.master.forget_after
         if full:
             info["nodes"] = self.registry.counts()
             self.counters.unauthenticated_open = self.admission.pending

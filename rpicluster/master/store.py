@@ -91,6 +91,9 @@ _UPSERT = (
 )
 _SEEN = "UPDATE nodes SET last_seen = ? WHERE node_id = ?"
 _POINT = "INSERT INTO vitals VALUES (?, ?, ?)"
+# A forgotten node (``rpicluster forget``, ``forget_after``): its row and its history.
+_FORGET_NODE = "DELETE FROM nodes WHERE node_id = ?"
+_FORGET_POINTS = "DELETE FROM vitals WHERE node_id = ?"
 # Keep a node's newest ``keep`` points (by ts); walks its index range from the newest.
 _TRIM = (
     "DELETE FROM vitals WHERE rowid IN (SELECT rowid FROM vitals WHERE node_id = ?"
@@ -162,13 +165,26 @@ class _Batch:
         self.points: collections.deque[tuple[str, float, str]] = collections.deque()
         self.point_bytes = 0
         self.reads: collections.deque[Read] = collections.deque()
+        # Node ids to delete, applied before this batch's rows: the forget came
+        # after any of its rows still queued (those are discarded) and before these.
+        self.forgets: set[str] = set()
         self.since: Optional[float] = None  # monotonic time the oldest write was handed over
 
     def has_writes(self) -> bool:
-        return bool(self.nodes or self.seen or self.points)
+        return bool(self.nodes or self.seen or self.points or self.forgets)
 
     def rows(self) -> int:
-        return len(self.nodes) + len(self.seen)
+        return len(self.nodes) + len(self.seen) + len(self.forgets)
+
+    def forget(self, node_id: str) -> None:
+        """Delete the node later; drop its rows and points queued before now."""
+        self.nodes.pop(node_id, None)
+        self.seen.pop(node_id, None)
+        if any(point[0] == node_id for point in self.points):
+            kept = [point for point in self.points if point[0] != node_id]
+            self.point_bytes = sum(len(point[2]) for point in kept)
+            self.points = collections.deque(kept)
+        self.forgets.add(node_id)
 
     def add_points(self, points: list[tuple[str, float, str]], front: bool = False) -> int:
         """Queue ``points`` (before the queued ones if ``front``); return how many were dropped."""
@@ -191,6 +207,7 @@ class _Batch:
         taken = _Batch()
         taken.nodes, self.nodes = self.nodes, {}
         taken.seen, self.seen = self.seen, {}
+        taken.forgets, self.forgets = self.forgets, set()
         taken.since = self.since  # the rest is as old, as far as lag is concerned
         points = self.points
         while points and len(taken.points) < TXN_POINTS and taken.point_bytes < TXN_BYTES:
@@ -202,8 +219,12 @@ class _Batch:
 
     def put_back(self, older: _Batch) -> int:
         """Requeue ``older`` (a batch that failed) before this one; return points dropped."""
-        self.nodes = {**older.nodes, **self.nodes}
-        self.seen = {**older.seen, **self.seen}
+        gone = self.forgets  # forgotten since ``older`` was taken: its rows must not return
+        self.nodes = {**{k: v for k, v in older.nodes.items() if k not in gone}, **self.nodes}
+        self.seen = {**{k: v for k, v in older.seen.items() if k not in gone}, **self.seen}
+        self.forgets = older.forgets | gone
+        if gone:
+            older.points = collections.deque(p for p in older.points if p[0] not in gone)
         if older.since is not None:
             self.since = older.since if self.since is None else min(older.since, self.since)
         return self.add_points(list(older.points), front=True)
@@ -330,6 +351,13 @@ class Store:
                 if dropped:
                     self._dropped(dropped, "the write queue is full")
                 self._handed_over()
+
+    def forget(self, node_id: str) -> None:
+        """Queue the deletion of a node's row and history; never blocks."""
+        with self._cond:
+            self._pending.forget(node_id)
+            self._handed_over()
+        log.info("%s: node %s and its history queued for deletion", self.path, node_id)
 
     def _handed_over(self) -> None:
         if self._pending.since is None:
@@ -521,7 +549,10 @@ class Store:
         repaired = rejected = 0
         conn.execute("BEGIN")
         try:
+            forgets = [(node_id,) for node_id in batch.forgets]
             groups = [
+                (_FORGET_NODE, forgets),
+                (_FORGET_POINTS, forgets),
                 (_UPSERT, list(batch.nodes.values())),
                 (_SEEN, list(batch.seen.values())),
                 (_POINT, list(batch.points)),
@@ -547,6 +578,8 @@ class Store:
             self._last_prune = now
             self._pruned_all = True
         since_trim = self._since_trim
+        for node_id in batch.forgets:
+            since_trim.pop(node_id, None)
         for node_id, count in inserted.items():
             if node_id in trimmed:
                 since_trim[node_id] = 0
