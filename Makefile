@@ -7,6 +7,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 PYTHON ?= python3
+comma := ,
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
@@ -14,7 +15,7 @@ RESOURCES := molecule/resources
 export PATH := $(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(abspath ansible.cfg)
 
-.PHONY: help venv lint pytest molecule test demo demo-down bench wheel clean
+.PHONY: help venv lint pytest molecule test demo demo-down bench mutation wheel clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -81,6 +82,15 @@ bench: $(STAMP)  ## benchmarks; figures are appended to bench/results.md
 	-$(BIN)/python -m bench.slave_footprint
 	-$(BIN)/python -m bench.webserver
 	-$(BIN)/python -m bench.deploy
+
+# Not part of `make test` (it takes long): mutmut over the core modules, one module at a
+# time with its own tests, in copies under .cache/mutation. MODULES=backoff,protocol limits
+# the run; MUTATION_JOBS is how many mutants are tested at once. Scores: docs/testing.md.
+MODULES ?=
+MUTATION_JOBS ?= 2
+mutation: $(STAMP)  ## mutation testing of the core modules (mutmut), score per module
+	$(BIN)/pip install --quiet -r requirements-mutation.txt
+	nice -n 10 $(BIN)/python tools/mutation.py --jobs $(MUTATION_JOBS) $(subst $(comma), ,$(MODULES))
 
 wheel: $(STAMP)  ## build the pure-Python wheel into dist/
 	$(BIN)/pip wheel --quiet --no-deps --wheel-dir dist .

@@ -1,0 +1,248 @@
+"""Mutation testing of the core modules with mutmut, one module at a time (`make mutation`).
+
+Why one module at a time, in a copy: mutmut 3 mutates every function of the files it is
+given and runs, for each mutant, the tests that called that function during a stats run.
+Running a module with only the tests that are *about* it keeps a run to minutes on a
+2-core machine and makes the score say something about those tests, not about the whole
+suite brushing past the code. The copy under ``.cache/mutation/<module>`` keeps mutmut's
+``mutants/`` tree and its state out of the working tree.
+
+Subprocess tests (test_cli, test_integration) are left out on purpose: a mutant is chosen
+by an environment variable inside the pytest process, and mutmut's stats run records only
+in-process calls, so those tests could neither be selected nor kill anything.
+
+The score is killed / (mutants - equivalent). Equivalent mutants (a change that no test
+can observe, because the program behaves the same) are listed and explained in
+docs/testing.md, section "Mutation testing": every backquoted ``rpicluster.…__mutmut_N``
+name there is read as equivalent. Timeouts count as killed (the mutant hung a test that
+the original passes); "no tests" and "survived" count as not killed.
+
+Usage: python tools/mutation.py [--jobs N] [MODULE ...]   (default: every module below)
+Exit status: 0 when each module reached --target (default 90) per cent, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".cache" / "mutation"
+DOC = ROOT / "docs" / "testing.md"
+
+# Tests every copy needs (fixtures and helpers), then the tests about each module.
+EXTRA = ["docs", "README.md", "rpicluster.cfg.example", "bench"]
+SUPPORT = ["tests/__init__.py", "tests/conftest.py", "tests/helpers.py"]
+MASTER_TESTS = [
+    "tests/test_master.py",
+    "tests/test_adversarial_master.py",
+    "tests/test_bad_input.py",
+    "tests/test_conformance.py",
+    "tests/test_member_limits.py",
+    "tests/test_server_edges.py",
+]
+MODULES: dict[str, tuple[str, list[str]]] = {
+    "backoff": (
+        "rpicluster/backoff.py",
+        ["tests/test_slave_backoff.py", "tests/test_backoff_edges.py"],
+    ),
+    "protocol": (
+        "rpicluster/protocol.py",
+        [
+            "tests/test_protocol.py",
+            "tests/test_protocol_edges.py",
+            "tests/test_adversarial_master.py",
+            "tests/test_bad_input.py",
+            "tests/test_conformance.py",
+        ],
+    ),
+    "config": (
+        "rpicluster/config.py",
+        ["tests/test_config.py", "tests/test_config_edges.py"],
+    ),
+    "registry": (
+        "rpicluster/master/registry.py",
+        [
+            "tests/test_master_registry.py",
+            "tests/test_registry_edges.py",
+            "tests/test_member_limits.py",
+            "tests/test_master.py",
+        ],
+    ),
+    "store": (
+        "rpicluster/master/store.py",
+        ["tests/test_store_robust.py", "tests/test_store_edges.py", "tests/test_master.py"],
+    ),
+    "server": ("rpicluster/master/server.py", MASTER_TESTS),
+    "connection": ("rpicluster/master/connection.py", MASTER_TESTS),
+}
+
+MUTANT_NAME = re.compile(r"`(rpicluster\.[\w.]+__mutmut_\d+)`")
+RESULT_LINE = re.compile(r"^\s+(\S+__mutmut_\d+): (.+)$")
+
+
+@dataclass
+class Score:
+    """The outcome of one module's run."""
+
+    module: str
+    statuses: dict[str, str]
+    equivalent: set[str]
+
+    def count(self, *wanted: str) -> int:
+        return sum(1 for status in self.statuses.values() if status in wanted)
+
+    @property
+    def killed(self) -> int:
+        return self.count("killed", "timeout", "caught by type check")
+
+    @property
+    def relevant(self) -> int:
+        """Mutants that some test could kill: all but the documented equivalent ones."""
+        return len(self.statuses) - len(self.equivalent & set(self.statuses))
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.killed / self.relevant if self.relevant else 100.0
+
+    def not_killed(self) -> list[str]:
+        """Mutants neither killed nor documented as equivalent, to look at next."""
+        return sorted(
+            name
+            for name, status in self.statuses.items()
+            if status not in ("killed", "timeout", "caught by type check")
+            and name not in self.equivalent
+        )
+
+
+def documented_equivalents() -> set[str]:
+    """The mutant names backquoted in docs/testing.md's "Mutation testing" section."""
+    if not DOC.exists():
+        return set()
+    text = DOC.read_text(encoding="utf-8")
+    start = text.find("## Mutation testing")
+    if start < 0:
+        return set()
+    end = text.find("\n## ", start + 1)
+    return set(MUTANT_NAME.findall(text[start : end if end > 0 else len(text)]))
+
+
+def prepare(module: str) -> Path:
+    """A fresh copy of the package and the module's tests, with mutmut's configuration."""
+    source, tests = MODULES[module]
+    work = WORK / module
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "rpicluster", work / "rpicluster", ignore=skip)
+    # What some tests read or import besides the package: the documents they hold the code
+    # to (docs/protocol.md, the example config) and bench's simulated slaves.
+    for name in EXTRA:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, work / name, ignore=skip)
+        else:
+            shutil.copy2(ROOT / name, work / name)
+    (work / "tests").mkdir()
+    for name in SUPPORT + tests:
+        if (ROOT / name).exists():
+            shutil.copy2(ROOT / name, work / name)
+    # pytest-timeout turns a mutant that makes a test wait forever into a failure quickly;
+    # mutmut's own limit is on CPU time, which a blocked test does not use.
+    (work / "pyproject.toml").write_text(
+        "\n".join(
+            [
+                "[tool.pytest.ini_options]",
+                'testpaths = ["tests"]',
+                "timeout = 60",
+                "",
+                "[tool.mutmut]",
+                'source_paths = ["rpicluster/"]',
+                f'only_mutate = ["{source}"]',
+                f"also_copy = {EXTRA!r}".replace("'", '"'),
+                'pytest_add_cli_args = ["-p", "no:cacheprovider"]',
+                # the copy is not a git checkout
+                "use_git_change_detection = false",
+                "",
+            ]
+        ),
+        encoding="utf-8",
+    )
+    return work
+
+
+def run_module(module: str, jobs: int, equivalent: set[str]) -> Score:
+    """mutmut run in the module's copy; the status of every mutant of that module."""
+    work = prepare(module)
+    mutmut = Path(sys.executable).with_name("mutmut")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    print(f"== {module}: mutmut run ({MODULES[module][0]}, {jobs} jobs) in {work}", flush=True)
+    run = subprocess.run(
+        [str(mutmut), "run", "--max-children", str(jobs)],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    (work / "run.log").write_text(run.stdout + run.stderr, encoding="utf-8")
+    if run.returncode != 0:
+        sys.stdout.write(run.stdout[-4000:] + run.stderr[-4000:])
+        raise SystemExit(f"mutation: mutmut run failed for {module} (log: {work / 'run.log'})")
+    results = subprocess.run(
+        [str(mutmut), "results", "--all", "true"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    statuses = {}
+    for line in results.stdout.splitlines():
+        match = RESULT_LINE.match(line)
+        if match:
+            statuses[match.group(1)] = match.group(2).strip()
+    return Score(module, statuses, equivalent)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", metavar="MODULE", help=", ".join(MODULES))
+    parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once")
+    parser.add_argument("--target", type=float, default=90.0, help="per-module goal, per cent")
+    args = parser.parse_args(argv)
+    modules = args.modules or list(MODULES)
+    unknown = [name for name in modules if name not in MODULES]
+    if unknown:
+        parser.error(f"unknown module(s) {', '.join(unknown)}; known: {', '.join(MODULES)}")
+    equivalent = documented_equivalents()
+    scores = [run_module(module, args.jobs, equivalent) for module in modules]
+
+    print()
+    print(
+        f"{'module':<12} {'mutants':>7} {'equiv':>5} {'killed':>6} {'timeout':>7} "
+        f"{'survived':>8} {'no tests':>8} {'score':>7}"
+    )
+    for score in scores:
+        print(
+            f"{score.module:<12} {len(score.statuses):>7} "
+            f"{len(score.equivalent & set(score.statuses)):>5} {score.killed:>6} "
+            f"{score.count('timeout'):>7} {score.count('survived'):>8} "
+            f"{score.count('no tests'):>8} {score.percent:>6.1f}%"
+        )
+    for score in scores:
+        left = score.not_killed()
+        if left:
+            print(f"\n{score.module}: not killed and not documented as equivalent:")
+            for name in left:
+                print(f"  {name}: {score.statuses[name]}")
+    print("\n(`mutmut show NAME` in .cache/mutation/MODULE shows a mutant's diff)")
+    return 0 if all(score.percent >= args.target for score in scores) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
