@@ -341,6 +341,19 @@ def run_forget(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------- check-role
+
+
+def run_check_role(args: argparse.Namespace) -> int:
+    """Import each custom slave role as a slave would; one line each, exit 1 if any fails."""
+    from rpicluster import rolecheck
+
+    status, lines = rolecheck.run(args.roles, args.path)
+    for line in lines:
+        print(line)
+    return status
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -382,6 +395,29 @@ def _parser() -> argparse.ArgumentParser:
     slave = commands.add_parser("slave", help="run this Pi's slave roles (as rpicluster-slave)")
     _common(slave)
     slave.set_defaults(run=run_slave)
+    check = commands.add_parser(
+        "check-role",
+        help="import custom slave roles as a slave would and check their classes",
+        description="Exit 0 when every role is a subclass of RpiBasicSlaveThread, 1 when one"
+        " is not (each problem names the file and the line), 2 on a malformed ROLE.",
+    )
+    check.add_argument(
+        "roles",
+        nargs="+",
+        metavar="ROLE",
+        help="FILE.py:ClassName (a role file) or module:ClassName (found on --path)",
+    )
+    check.add_argument(
+        "--path",
+        action="append",
+        default=[],
+        metavar="DIR_OR_WHEEL",
+        help="searched first for module:ClassName roles (repeatable)",
+    )
+    check.add_argument(
+        "--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS, help=argparse.SUPPRESS
+    )
+    check.set_defaults(run=run_check_role)
     return parser
 
 
@@ -403,7 +439,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``rpicluster``: sub-commands ``status``, ``forget``, ``master``, ``slave``."""
+    """``rpicluster``: sub-commands ``status``, ``forget``, ``master``, ``slave``, ``check-role``."""
     args = _parser().parse_args(argv)
     return _dispatch(args)
 
