@@ -439,7 +439,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``rpicluster``: sub-commands ``status``, ``forget``, ``master``, ``slave``, ``check-role``."""
+    """``rpicluster``: ``status``, ``forget``, ``master``, ``slave``, ``check-role``."""
     args = _parser().parse_args(argv)
     return _dispatch(args)
 
