@@ -226,6 +226,30 @@ def _store_summary(master: dict[str, Any]) -> str:
     return "STORE FAILING" + (f": {text(store.get('error'))}" if store.get("error") else "")
 
 
+def _alerts_summary(master: dict[str, Any]) -> tuple[str, list[str]]:
+    """ "N alert(s) firing" and "WEBHOOK FAILING: ..." for the first line, and one
+    line per firing alert (the master's ``alerts`` object; absent from older masters)."""
+    from rpicluster.displayable import text
+
+    alerts = master.get("alerts")
+    if not isinstance(alerts, dict):
+        return "", []
+    firing = [a for a in alerts.get("firing") or [] if isinstance(a, dict)]
+    count = alerts.get("firing_count")
+    count = count if isinstance(count, int) and not isinstance(count, bool) else len(firing)
+    words = [f"{count} alert(s) firing"] if count else []
+    hook = alerts.get("webhook")
+    if isinstance(hook, dict) and hook.get("ok") is False:
+        words.append("WEBHOOK FAILING" + (f": {text(hook['error'])}" if hook.get("error") else ""))
+    lines = [
+        f"ALERT {text(a.get('severity'), 16)} {text(a.get('alert'), 32)}: {text(a.get('summary'))}"
+        for a in firing
+    ]
+    if count > len(firing):
+        lines.append(f"... and {count - len(firing)} more alert(s)")
+    return "; ".join(words), lines
+
+
 def format_table(state: dict[str, Any], now: Optional[float] = None) -> str:
     """The cluster as a readable table, one row per node, named by its node name.
 
@@ -273,7 +297,10 @@ def format_table(state: dict[str, Any], now: Optional[float] = None) -> str:
     store = _store_summary(master)
     if store:
         summary += f"; {store}"
-    return "\n".join([summary, *lines])
+    alerts, alert_lines = _alerts_summary(master)
+    if alerts:
+        summary += f"; {alerts}"
+    return "\n".join([summary, *lines, *alert_lines])
 
 
 def run_status(args: argparse.Namespace) -> int:

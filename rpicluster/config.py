@@ -11,6 +11,7 @@ import configparser
 import difflib
 import math
 import re
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -96,6 +97,29 @@ class WebserverSettings:
     history_window: float = 3600.0
 
 
+WEBHOOK_FORMATS = ("json", "text", "chat")
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    """The master's alert rules and where it sends them ([alerts]; master/alerts.py).
+
+    A threshold of 0 turns its rule off. Without ``webhook_url`` the alerts are
+    still evaluated and shown (``rpicluster status``, the dashboard), not sent.
+    """
+
+    webhook_url: str = ""
+    webhook_format: str = "json"
+    webhook_timeout: float = 5.0
+    hold: float = 10.0
+    dead: bool = True
+    suspect_for: float = 60.0
+    temperature: float = 80.0
+    power: bool = True
+    disk_free_percent: float = 10.0
+    store: bool = True
+
+
 @dataclass(frozen=True)
 class Config:
     """A validated ``rpicluster.cfg``. ``master``/``slave`` are None when absent."""
@@ -106,6 +130,7 @@ class Config:
     slave: Optional[SlaveSettings]
     webserver: WebserverSettings
     raw: configparser.ConfigParser = field(repr=False, compare=False)
+    alerts: AlertSettings = AlertSettings()
 
     def section(self, name: str) -> dict[str, str]:
         """Raw options of any section, for a custom role's own settings."""
@@ -297,6 +322,43 @@ def _read_webserver(r: _Reader) -> WebserverSettings:
     )
 
 
+def _flag(r: _Reader, section: str, key: str, default: bool) -> bool:
+    value = r.raw(section, key, "yes" if default else "no").lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise r.error(section, key, f"{value!r} is not yes or no")
+
+
+def _read_alerts(r: _Reader) -> AlertSettings:
+    s = "alerts"
+    url = r.text(s, "webhook_url", "")
+    if url:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise r.error(s, "webhook_url", "must be an http:// or https:// URL with a host")
+        try:
+            parsed.port  # noqa: B018 (raises ValueError on a bad port)
+        except ValueError:
+            raise r.error(s, "webhook_url", "has an invalid port") from None
+    fmt = r.text(s, "webhook_format", "json").lower()
+    if fmt not in WEBHOOK_FORMATS:
+        raise r.error(s, "webhook_format", f"{fmt!r} is not one of {', '.join(WEBHOOK_FORMATS)}")
+    return AlertSettings(
+        webhook_url=url,
+        webhook_format=fmt,
+        webhook_timeout=r.number(s, "webhook_timeout", 5.0, minimum=0.1, maximum=60),
+        hold=r.number(s, "hold", 10.0, minimum=0.0, maximum=86400),
+        dead=_flag(r, s, "dead", True),
+        suspect_for=r.number(s, "suspect_for", 60.0, minimum=0.0, maximum=86400),
+        temperature=r.number(s, "temperature", 80.0, minimum=0.0, maximum=200),
+        power=_flag(r, s, "power", True),
+        disk_free_percent=r.number(s, "disk_free_percent", 10.0, minimum=0.0, maximum=100),
+        store=_flag(r, s, "store", True),
+    )
+
+
 def _check_known_keys(r: _Reader) -> None:
     """A misspelt key in a known section is an error, not a silently ignored line."""
     known = {
@@ -304,6 +366,7 @@ def _check_known_keys(r: _Reader) -> None:
         "master": MasterSettings,
         "slave": SlaveSettings,
         "webserver": WebserverSettings,
+        "alerts": AlertSettings,
     }
     for section, settings in known.items():
         if not r.parser.has_section(section):
@@ -340,6 +403,7 @@ def parse_config(text: str, path: str = "<string>", *, need: str = "any") -> Con
         slave=slave,
         webserver=_read_webserver(r),
         raw=parser,
+        alerts=_read_alerts(r),
     )
 
 

@@ -89,13 +89,16 @@ def master_factory(tmp_path: Path, make_config: Callable[..., Config]):
         config: Optional[Config] = None,
         cluster: Optional[dict[str, Any]] = None,
         master: Optional[dict[str, Any]] = None,
+        alerts: Optional[dict[str, Any]] = None,
     ) -> Master:
         if state_dir is None:
             state_dir = str(tmp_path / f"master-{next(counter)}")
         if config is None:
+            sections: dict[str, Any] = {"alerts": alerts} if alerts else {}
             config = make_config(
                 cluster=cluster or {},
                 master={"socket_bind_ip": "127.0.0.1", "state_dir": state_dir, **(master or {})},
+                **sections,
             )
         assert config.master is not None
         config = dataclasses.replace(

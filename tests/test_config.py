@@ -211,7 +211,7 @@ def readme_tables() -> dict[str, dict[str, str]]:
 
 def test_readme_reference_lists_every_key_with_the_example_default():
     readme, example = readme_tables(), example_values()
-    assert set(readme) == {"cluster", "master", "slave", "webserver"}
+    assert set(readme) == {"cluster", "master", "slave", "webserver", "alerts"}
     for section, keys in readme.items():
         assert set(keys) == set(example[section]), section
         for key, default in keys.items():

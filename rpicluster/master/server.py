@@ -22,11 +22,14 @@ from typing import Any, Optional
 from rpicluster import __version__
 from rpicluster import protocol as p
 from rpicluster.config import Config
+from rpicluster.master import upkeep
 from rpicluster.master.admission import Admission
+from rpicluster.master.alerts import EVALUATE_INTERVAL, AlertEngine
 from rpicluster.master.connection import Connection, fit_node
 from rpicluster.master.counters import Counters, LogLimiter
 from rpicluster.master.registry import DEAD, Registry
 from rpicluster.master.store import Store
+from rpicluster.master.webhook import Webhook
 
 log = logging.getLogger("rpicluster.master")
 
@@ -38,11 +41,7 @@ FLUSH_INTERVAL = 0.5  # seconds between two batches of changed rows to the store
 # SD card 10,000 row updates every few seconds, and the event loop the stall that
 # each batch's GIL contention costs (seen as heartbeat round-trip tail at 10,000).
 LAST_SEEN_INTERVAL = 60.0
-# How often nodes gone for longer than forget_after are looked for, and how many
-# are forgotten per pass at most (a week-old database of 10,000 dead nodes is
-# forgotten over a few minutes, not in one long stall of the loop).
-FORGET_INTERVAL = 60.0
-FORGET_BATCH = 500
+FORGET_INTERVAL = 60.0  # seconds between two looks for nodes gone longer than forget_after
 CLOSE_TIMEOUT = 5.0  # seconds a closed connection may take to flush before it is aborted
 STALL_WARNING = 1.0  # seconds of event-loop lateness worth a warning
 READ_BUFFER = 256 * 1024  # bytes read from a socket at once, shared by all connections
@@ -113,6 +112,17 @@ class Master:
         self.log_refusals = LogLimiter("refused connections")
         self.log_members = LogLimiter("refused member messages")
         self.log_loop = LogLimiter("event loop errors")
+        self.log_alerts = LogLimiter("alert notifications")
+        self.alerts = AlertEngine(
+            config.alerts, self.hostname, clock=self.clock, wall=self.registry.wall
+        )
+        self.webhook: Optional[Webhook] = None
+        if config.alerts.webhook_url:
+            self.webhook = Webhook(
+                config.alerts.webhook_url,
+                config.alerts.webhook_format,
+                config.alerts.webhook_timeout,
+            )
         # Often enough to mark a silent node dead well within dead_after + 0.5 s,
         # rarely enough to cost nothing with 10,000 nodes.
         self.sweep_interval = min(0.25, max(0.02, cluster.dead_after / 20))
@@ -139,6 +149,8 @@ class Master:
         self.registry.load(rows)
         self.started_at = round(self.registry.wall(), 3)
         self.store.start()
+        if self.webhook is not None:
+            self.webhook.start()
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(
             target=self._run, args=(ready,), name="rpicluster-master", daemon=True
@@ -187,6 +199,7 @@ class Master:
         self._every(FLUSH_INTERVAL, self._flush)
         self._every(LAST_SEEN_INTERVAL, self._flush_last_seen)
         self._every(self.forget_interval, self._forget_stale)
+        self._every(EVALUATE_INTERVAL, self._evaluate_alerts)
         ready.set_result(None)
         try:
             loop.run_forever()
@@ -326,6 +339,8 @@ class Master:
             self._flush()
             self.store.save_last_seen(self.registry.last_seen_rows())
         self.store.close(timeout)
+        if self.webhook is not None:
+            self.webhook.close()
         log.info("master stopped")
 
     async def _shutdown(self) -> None:
@@ -415,28 +430,14 @@ class Master:
         self.store.add_vitals(self.registry.take_vitals())
 
     def forget_node(self, node_id: str, why: str) -> int:
-        """Remove a node from the registry and the store; close its connections.
-
-        Returns how many connections were closed (``error`` ``forgotten``). A slave
-        still running reconnects and joins as new: stop it first to retire a Pi.
-        """
-        sessions = self.registry.forget(node_id)
-        for session in sessions:
-            conn = session.conn
-            conn.session = None  # its closing must not touch the registry again
-            conn.close(p.E_FORGOTTEN, "this node was forgotten by the master's operator")
-        self.store.forget(node_id)
-        self.counters.nodes_forgotten_total += 1
-        log.info("node %s forgotten (%s); %d connection(s) closed", node_id, why, len(sessions))
-        return len(sessions)
+        """Remove a node and its history; close its connections (upkeep.py)."""
+        return upkeep.forget_node(self, node_id, why)
 
     def _forget_stale(self) -> None:
-        """Forget the nodes dead or left for longer than ``[master] forget_after``."""
-        settings = self.config.master
-        assert settings is not None
-        stale = self.registry.stale(settings.forget_after)
-        for node_id in stale[:FORGET_BATCH]:
-            self.forget_node(node_id, f"not seen for more than {settings.forget_after:g} s")
+        upkeep.forget_stale(self)
+
+    def _evaluate_alerts(self) -> None:
+        upkeep.evaluate_alerts(self)
 
     def _flush_last_seen(self) -> None:
         self.store.save_last_seen(self.registry.last_seen_rows())
@@ -464,6 +465,7 @@ class Master:
             info["counters"] = self.counters.as_dict()
             if self.store is not None:  # whether writes fail or lag (store.py)
                 info["store"] = self.store.health()
+            info["alerts"] = upkeep.alerts_dict(self)
         return info
 
     def cluster_page(self, qid: int, offset: int, limit: int) -> bytes:

@@ -111,6 +111,16 @@ def health_document(snap: Snapshot, stale_after: float) -> dict[str, Any]:
         doc["status"] = "store_failing"
     else:
         doc["status"] = "ok" if doc["master_reachable"] else "degraded"
+    alerts = snap.master.get("alerts")
+    alerts = alerts if isinstance(alerts, Mapping) else {}
+    hook = alerts.get("webhook")
+    hook = scrub(hook, 2) if isinstance(hook, Mapping) else None
+    # A failing receiver shows here (and on the dashboard) but keeps the status
+    # 200: restarting the dashboard would not bring a chat server back.
+    doc["webhook"] = hook
+    doc["webhook_ok"] = hook is None or hook.get("ok") is not False
+    count = alerts.get("firing_count")
+    doc["alerts_firing"] = count if isinstance(count, int) and not isinstance(count, bool) else 0
     doc["nodes"] = len(snap.nodes)
     doc["version"] = snap.version  # pages reload when it changes
     return doc

@@ -344,8 +344,41 @@ def _store_banner(snap: Snapshot) -> str:
     )
 
 
+ALERTS_SHOWN = 10  # firing alerts listed in the banner; the count says the rest
+
+
+def _alerts_banner(snap: Snapshot) -> str:
+    """Firing alerts of the master (master/alerts.py), and a webhook that fails."""
+    alerts = snap.master.get("alerts")
+    if not isinstance(alerts, Mapping):
+        return ""
+    firing = [a for a in alerts.get("firing") or [] if isinstance(a, Mapping)]
+    count = alerts.get("firing_count")
+    count = count if isinstance(count, int) and not isinstance(count, bool) else len(firing)
+    out = ""
+    if count:
+        items = "".join(
+            f"<li><b>{_e(a.get('alert'))}</b> {_e(a.get('summary'))}</li>"
+            for a in firing[:ALERTS_SHOWN]
+        )
+        more = f"<li>and {count - ALERTS_SHOWN} more</li>" if count > ALERTS_SHOWN else ""
+        out += (
+            f'<div class="banner" role="alert" id="alerts-firing"><b>{count} alert(s) firing'
+            f"</b><ul>{items}{more}</ul></div>"
+        )
+    hook = alerts.get("webhook")
+    if isinstance(hook, Mapping) and hook.get("ok") is False:
+        error = hook.get("error")
+        reason = f": {_e(error)}" if error else ""
+        out += (
+            '<div class="banner" role="alert" id="webhook-failing"><b>Alert notifications '
+            f"are not delivered</b> ({_e(hook.get('target'))}){reason}.</div>"
+        )
+    return out
+
+
 def _banner(snap: Snapshot, stale_after: float, now_local: float) -> str:
-    return _store_banner(snap) + _master_banner(snap, stale_after, now_local)
+    return _store_banner(snap) + _alerts_banner(snap) + _master_banner(snap, stale_after, now_local)
 
 
 def _master_banner(snap: Snapshot, stale_after: float, now_local: float) -> str:
