@@ -72,6 +72,8 @@ class MasterSettings:
     max_unauthenticated_per_address: int = DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
     # Seconds a node may stay dead or left before the master forgets it (0: never).
     forget_after: float = DEFAULT_FORGET_AFTER
+    # The master's own /metrics (master/metrics.py) on socket_bind_ip; 0 = off.
+    metrics_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -247,8 +249,10 @@ def _read_master(r: _Reader, cluster: ClusterSettings) -> MasterSettings:
             f"{forget_after:g} must be 0 (never forget) or longer than dead_after"
             f" {cluster.dead_after:g}",
         )
+    metrics_port = r.number(s, "metrics_port", 0, minimum=0, maximum=65535, kind=int)
     return MasterSettings(
         forget_after=forget_after,
+        metrics_port=metrics_port,
         socket_bind_ip=r.text(s, "socket_bind_ip", "0.0.0.0"),
         socket_port=r.port(s, "socket_port", DEFAULT_PORT),
         state_dir=r.text(s, "state_dir", DEFAULT_STATE_DIR),

@@ -27,6 +27,7 @@ from rpicluster.master.admission import Admission
 from rpicluster.master.alerts import EVALUATE_INTERVAL, AlertEngine
 from rpicluster.master.connection import Connection, fit_node
 from rpicluster.master.counters import Counters, LogLimiter
+from rpicluster.master.metrics import MetricsServer
 from rpicluster.master.registry import DEAD, Registry
 from rpicluster.master.store import Store
 from rpicluster.master.webhook import Webhook
@@ -117,6 +118,7 @@ class Master:
             config.alerts, self.hostname, clock=self.clock, wall=self.registry.wall
         )
         self.webhook: Optional[Webhook] = None
+        self.metrics: Optional[MetricsServer] = None  # [master] metrics_port, started in _run
         if config.alerts.webhook_url:
             self.webhook = Webhook(
                 config.alerts.webhook_url,
@@ -194,6 +196,16 @@ class Master:
             return
         self._listener = listener
         self.port = listener.getsockname()[1]
+        if settings.metrics_port:
+            self.metrics = MetricsServer(self, host, settings.metrics_port)
+            try:
+                loop.run_until_complete(self.metrics.start())
+            except BaseException as exc:
+                listener.close()
+                loop.close()
+                where = f"{host}:{settings.metrics_port}"
+                ready.set_exception(OSError(f"master metrics cannot listen on {where}: {exc}"))
+                return
         loop.add_reader(listener.fileno(), self._accept)
         self._every(self.sweep_interval, self._sweep)
         self._every(FLUSH_INTERVAL, self._flush)
@@ -349,6 +361,8 @@ class Master:
             timer.cancel()
         if self._listener is not None:
             self.loop.remove_reader(self._listener.fileno())
+        if self.metrics is not None:
+            self.metrics.close()
         goodbye = p.make(p.GOODBYE, reason="master shutting down")
         for conn in list(self.connections):
             if not conn.closed and conn.transport is not None:

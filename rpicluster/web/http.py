@@ -24,11 +24,11 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Optional
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import rpicluster
 from rpicluster import displayable
-from rpicluster.web import api, dashboard
+from rpicluster.web import api, dashboard, sd
 from rpicluster.web.metrics import MetricsRenderer
 from rpicluster.web.state import ClusterState, Snapshot
 
@@ -530,6 +530,20 @@ class DashboardHandler(BaseHTTPRequestHandler):
     def _json(self, status: int, doc: object) -> None:
         self._send(status, api.dumps(doc), "application/json")
 
+    def _http_sd(self, snap: Snapshot) -> None:
+        """Prometheus HTTP service discovery (web/sd.py); ``?port=N`` for the targets' port."""
+        query = parse_qs(urlsplit(self.path).query)
+        raw = query.get("port", [str(sd.DEFAULT_PORT)])[-1]
+        if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+            self._json(HTTPStatus.BAD_REQUEST, {"error": "port must be 1..65535"})
+            return
+        port = int(raw)
+        render = lambda: api.dumps(sd.targets_document(snap, port))  # noqa: E731
+        if port == sd.DEFAULT_PORT:  # cached for the usual request only: the cache stays small
+            self._send_cached("/api/http_sd", snap, render, "application/json")
+        else:
+            self._send(HTTPStatus.OK, render(), "application/json")
+
     def _not_found(self, path: str, what: str) -> None:
         if path.startswith("/api/"):
             self._json(HTTPStatus.NOT_FOUND, {"error": what})
@@ -596,6 +610,8 @@ class DashboardHandler(BaseHTTPRequestHandler):
             self._json(ok, doc)
         elif path == "/metrics":
             self._send_cached(path, snap, server.metrics.render, server.metrics.content_type)
+        elif path == "/api/http_sd":
+            self._http_sd(snap)
         elif path in ("/api/nodes", "/api/nodes/"):
             self._send_cached(
                 "/api/nodes", snap, lambda: api.dumps(api.nodes_document(snap, stale)), json_type
