@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from rpicluster import memberdata as md
 from rpicluster.protocol import DEFAULT_MAX_FRAME_SIZE
 
 DEFAULT_CONFIG_PATH = "/etc/rpicluster/rpicluster.cfg"
@@ -87,6 +88,11 @@ class SlaveSettings:
     reconnect_base: float = 1.0
     reconnect_cap: float = 5.0
     vitals_interval: float = 5.0
+    # The node's name shown everywhere (the inventory hostname, rendered by the
+    # role); None: the master falls back to the OS hostname, which many fleets
+    # leave at "raspberrypi" on every card.
+    node_name: Optional[str] = None
+    groups: tuple[str, ...] = ()  # the inventory groups of the node, sent with its details
 
 
 @dataclass(frozen=True)
@@ -295,8 +301,47 @@ def parse_roles(value: str) -> tuple[str, ...]:
     return roles
 
 
+def parse_groups(value: str) -> tuple[str, ...]:
+    """Split ``slaves, rack1`` into group names; ValueError names a bad one.
+
+    Each group is a name of the protocol (docs/protocol.md section 5: printable,
+    1..256 characters), at most 64 of them, none twice: the master would refuse
+    the details otherwise, and the slave would join without its groups.
+    """
+    groups = tuple(part.strip() for part in value.split(",") if part.strip())
+    if len(groups) > md.MAX_ITEMS:
+        raise ValueError(f"lists {len(groups)} groups, more than {md.MAX_ITEMS}")
+    for group in groups:
+        problem = md.check_name(group, md.MAX_STRING)
+        if problem:
+            raise ValueError(f"group {group[:40]!r} {problem}")
+    seen: set[str] = set()
+    for group in groups:
+        if group in seen:
+            raise ValueError(f"names group {group!r} twice")
+        seen.add(group)
+    return groups
+
+
+def _read_node_name(r: _Reader) -> Optional[str]:
+    """``[slave] node_name``: a protocol name (printable, 1..256 characters), or None."""
+    if not r.parser.has_option("slave", "node_name"):
+        return None
+    value = r.parser.get("slave", "node_name", raw=True).strip()
+    if not value:
+        return None
+    problem = md.check_name(value, md.MAX_STRING)
+    if problem:
+        raise r.error("slave", "node_name", f"{value[:40]!r} {problem}")
+    return value
+
+
 def _read_slave(r: _Reader) -> SlaveSettings:
     s = "slave"
+    try:
+        groups = parse_groups(r.text(s, "groups", ""))
+    except ValueError as exc:
+        raise r.error(s, "groups", str(exc)) from None
     try:
         roles = parse_roles(r.text(s, "roles", "basic, vitals"))
     except ValueError as exc:
@@ -313,6 +358,8 @@ def _read_slave(r: _Reader) -> SlaveSettings:
         reconnect_base=base,
         reconnect_cap=cap,
         vitals_interval=r.number(s, "vitals_interval", 5.0, minimum=0.05, maximum=3600),
+        node_name=_read_node_name(r),
+        groups=groups,
     )
 
 

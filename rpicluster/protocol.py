@@ -71,6 +71,9 @@ E_TOO_MANY_ROLES = "too_many_roles"  # a node may hold at most MAX_ROLES roles
 E_SILENT = "silent"  # no message for dead_after seconds
 E_RATE_EXCEEDED = "rate_exceeded"  # refused messages kept coming much faster than allowed
 E_FORGOTTEN = "forgotten"  # an operator forgot the node (``rpicluster forget --force``)
+# Another machine holds this node id now (a copied SD card): the hello is refused
+# and the slave retries only every minute, so the two never take turns.
+E_DUPLICATE_ID = "duplicate_id"
 # Codes of ``refused`` notices (not fatal) and of failed query replies.
 E_BAD_VITALS = "bad_vitals"
 E_VITALS_RATE = "vitals_rate_limited"
@@ -365,6 +368,7 @@ def client_handshake(
     role: str,
     details: Optional[dict[str, Any]] = None,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    instance: Optional[str] = None,
 ) -> dict[str, Any]:
     """Run the client side of the handshake on a connected blocking socket.
 
@@ -391,6 +395,8 @@ def client_handshake(
         "nonce": nonce,
         "mac": hello_mac(secret, challenge["nonce"], nonce, kind, node_id, role),
     }
+    if instance is not None:
+        hello["instance"] = instance  # which process of the node (a copied card is another)
     if details is not None:
         # Limits of docs/protocol.md: the master refuses a hello whose details break
         # them, so drop the offending keys here and still join.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import select
 import socket
 import threading
@@ -37,6 +38,16 @@ from rpicluster.nodeinfo import node_details
 logger = logging.getLogger(__name__)
 
 MAX_ROLE_LENGTH = 200  # what the master accepts in hello (docs/protocol.md)
+
+# One token per slave process, sent in every hello (docs/protocol.md section 4): all
+# role threads of one rpicluster-slave share it, so the master tells this process
+# reconnecting (same token: the newer connection replaces the older) from another
+# machine using the same node id, a copied SD card (another token while this one
+# is connected and heard from: refused with ``duplicate_id``).
+INSTANCE = os.urandom(8).hex()
+# Seconds a role waits after ``duplicate_id`` before trying again: the master keeps
+# the id for the machine that holds it, so retrying sooner only fills both logs.
+DUPLICATE_ID_BACKOFF = 60.0
 
 # Messages a slave may send with send(); the handshake and queries have their own paths.
 _SENDABLE = (protocol.VITALS, protocol.ACTION_ERROR, protocol.GOODBYE, protocol.HEARTBEAT)
@@ -208,6 +219,8 @@ class RpiBasicSlaveThread(threading.Thread):
         handshake_timeout: float = 5.0,
         max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
         name: Optional[str] = None,
+        node_name: Optional[str] = None,
+        groups: tuple[str, ...] = (),
     ) -> None:
         if not secret:
             raise ValueError("secret is required (the [cluster] secret)")
@@ -226,6 +239,11 @@ class RpiBasicSlaveThread(threading.Thread):
         if node_id is None:
             node_id = load_or_create_node_id(state_dir or DEFAULT_STATE_DIR)
         self.node_id: str = node_id
+        # Sent with the details: the name the fleet knows this node by (else the
+        # master shows the OS hostname) and its inventory groups.
+        self.node_name = node_name or None
+        self.groups = tuple(groups)
+        self.instance = INSTANCE  # the process's token (a test may give a thread its own)
         self.heartbeat_interval = float(heartbeat_interval)
         self.dead_after = float(dead_after or max(5.0, 5 * self.heartbeat_interval))
         self.handshake_timeout = float(handshake_timeout)
@@ -271,7 +289,17 @@ class RpiBasicSlaveThread(threading.Thread):
             reconnect_cap=slave.reconnect_cap,
             handshake_timeout=cluster.handshake_timeout,
             max_frame_size=cluster.max_frame_size,
+            node_name=slave.node_name,
+            groups=slave.groups,
         )
+
+    def details(self) -> dict[str, Any]:
+        """What the hello carries: the machine's facts, the node name and groups."""
+        details = dict(node_details())
+        if self.node_name:
+            details["node_name"] = self.node_name
+        details["groups"] = list(self.groups)
+        return details
 
     # ------------------------------------------------------------ subclass API
 
@@ -352,6 +380,10 @@ class RpiBasicSlaveThread(threading.Thread):
             link = self._connect(failures)
             if link is None:
                 delay = self.backoff.next_delay()
+                if failures.last == protocol.E_DUPLICATE_ID:
+                    # Another machine holds our node id (a copied card): the master
+                    # keeps it there, so ask again only now and then.
+                    delay = max(delay, DUPLICATE_ID_BACKOFF)
                 logger.debug("role %s retries in %.2f s", role, delay)
                 self.stopping.wait(delay)
                 continue
@@ -388,16 +420,20 @@ class RpiBasicSlaveThread(threading.Thread):
                 kind=protocol.KIND_SLAVE,
                 node_id=self.node_id,
                 role=role,
-                details=node_details(),
+                details=self.details(),
                 max_frame_size=self.max_frame_size,
+                instance=self.instance,
             )
         except protocol.ProtocolError as exc:
             sock.close()
-            hint = " (is [cluster] secret the same as the master's?)"
+            hints = {
+                protocol.E_AUTH_FAILED: " (is [cluster] secret the same as the master's?)",
+                protocol.E_DUPLICATE_ID: f"; retrying every {DUPLICATE_ID_BACKOFF:g} s",
+            }
             failures.log(
                 exc.code,
                 f"master at {host}:{port} refused role {role}: {exc.code}: {exc.message}"
-                + (hint if exc.code == protocol.E_AUTH_FAILED else ""),
+                + hints.get(exc.code, ""),
                 level=logging.ERROR,
             )
             return None
@@ -501,11 +537,13 @@ class _FailureLog:
 
     def __init__(self) -> None:
         self.kind: Optional[str] = None
+        self.last: Optional[str] = None  # kind of the latest failure, logged or not
         self.logged_at = 0.0
         self.count = 0
 
     def log(self, kind: str, message: str, level: int = logging.WARNING) -> None:
         self.count += 1
+        self.last = kind
         now = time.monotonic()
         if kind != self.kind or now - self.logged_at >= self.REPEAT_AFTER:
             suffix = f" (attempt {self.count}; retrying)" if self.count > 1 else " (retrying)"
@@ -515,4 +553,4 @@ class _FailureLog:
             logger.debug("%s (attempt %d)", message, self.count)
 
     def reset(self) -> None:
-        self.kind, self.count = None, 0
+        self.kind, self.last, self.count = None, None, 0

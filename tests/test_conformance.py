@@ -291,6 +291,9 @@ def test_first_frame_errors(master, probe, payload, code):
         ({"role": "r\u202e"}, "bad_message"),
         ({"nonce": "short"}, "bad_message"),
         ({"details": [1]}, "bad_message"),
+        ({"instance": ""}, "bad_message"),
+        ({"instance": 7}, "bad_message"),
+        ({"instance": "x" * 129}, "bad_message"),
         ({"details": {"hostname": "a\x1bb"}}, "bad_details"),
         ({"details": {"k": "x" * 257}}, "bad_details"),
         ({"details": {f"k{i}": "x" * 250 for i in range(40)}}, "bad_details"),
@@ -426,6 +429,38 @@ def test_query_failures_are_replies(master, cluster_secret, probe):
     assert after["bad_messages_total"] == before["bad_messages_total"]
 
 
+def test_duplicate_id_and_names(master, cluster_secret, probe):
+    """Section 7.1: the first machine keeps a node id; names are node objects' fields."""
+    before = probe.counters()
+    holder = join(
+        master.port,
+        cluster_secret,
+        node_id="card",
+        instance="machine-a",
+        details={"hostname": "raspberrypi", "node_name": "pi-1", "groups": ["slaves"]},
+    )
+    holder.sendall(msg(type="heartbeat", seq=1, sent_at=time.time()))
+    assert recv(holder) == {"type": "heartbeat_ack", "seq": 1}
+    copy = connect(master.port)
+    copy.sendall(hello(cluster_secret, recv(copy), node_id="card", instance="machine-b"))
+    error = closed_with(copy, "duplicate_id")
+    assert "raspberrypi" in error["message"]
+    bumped(probe, "duplicate_id", before)
+    # The same process (same instance) reconnecting replaces its older connection.
+    again = join(master.port, cluster_secret, node_id="card", instance="machine-a")
+    closed_with(holder, "replaced")
+    node = probe.query(what="node", node_id="card")["data"]
+    assert node["name"] == "pi-1" and node["groups"] == ["slaves"]
+    assert node["hostname"] == "raspberrypi"
+    assert node["duplicate_id"] is True and node["duplicate_id_address"] == "127.0.0.1"
+    twin = join(master.port, cluster_secret, node_id="card-2", details={"node_name": "pi-1"})
+    page = probe.query(what="cluster")["data"]
+    flags = {n["node_id"]: n["duplicate_name"] for n in page["nodes"]}
+    assert flags == {"card": True, "card-2": True}
+    twin.close()
+    again.close()
+
+
 def test_forget_query(master, cluster_secret, probe):
     """Section 8.5: each answer of the forget query, and `forgotten` for a forced one."""
     before = probe.counters()
@@ -469,6 +504,6 @@ def test_every_error_code_of_the_doc_is_covered():
         "too_many_connections", "bad_frame", "frame_too_large", "bad_message", "unknown_type",
         "bad_protocol_version", "auth_failed", "bad_details", "too_many_roles",
         "handshake_timeout", "replaced", "silent", "rate_exceeded", "vitals_rate_limited",
-        "bad_vitals", "bad_action_error", "forgotten",
+        "bad_vitals", "bad_action_error", "forgotten", "duplicate_id",
     }  # fmt: skip
     assert codes == covered

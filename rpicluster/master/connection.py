@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from rpicluster import memberdata as md
 from rpicluster import protocol as p
-from rpicluster.master.registry import MAX_ROLES, Session, node_label
+from rpicluster.master.registry import MAX_ROLES, Node, Session, node_label
 from rpicluster.master.store import read_history
 
 if TYPE_CHECKING:
@@ -419,6 +419,10 @@ class Connection(asyncio.BufferedProtocol):
             if problem:
                 self.fail(p.E_BAD_DETAILS, problem)
                 return
+            holder = master.registry.holder(node_id, hello.get("instance"))
+            if holder is not None:
+                self._duplicate_id(holder, details or {})
+                return
             node = master.registry.nodes.get(node_id)
             if node is not None and role not in node.roles and len(node.roles) >= MAX_ROLES:
                 self.fail(p.E_TOO_MANY_ROLES, f"node {node_id} already has {MAX_ROLES} roles")
@@ -440,7 +444,7 @@ class Connection(asyncio.BufferedProtocol):
         )
         if kind == p.KIND_SLAVE:
             session, old = master.registry.register(
-                node_id, role, self.address, details or {}, self
+                node_id, role, self.address, details or {}, self, hello.get("instance")
             )
             self.session = session
             if old is not None:
@@ -465,6 +469,38 @@ class Connection(asyncio.BufferedProtocol):
                     role,
                     self.peer,
                 )
+
+    def _duplicate_id(self, node: Node, details: dict[str, Any]) -> None:
+        """Refuse a copied card: the machine connected first keeps the node id.
+
+        Replacing the holder (as for a reconnect of the same process) would make
+        the two machines take turns every few seconds; refusing the newcomer,
+        which then retries only every minute, keeps one steady and flags the node
+        ``duplicate_id`` (docs/protocol.md section 7). One log line per node per
+        ten minutes at most, however long the copy keeps trying.
+        """
+        master = self.master
+        master.counters.duplicate_ids_total += 1
+        hostname = details.get("hostname")
+        theirs = self.address
+        if isinstance(hostname, str):
+            theirs += f" (hostname {hostname})"
+        holding = f"{node.address} (hostname {node.hostname})"
+        if master.registry.flag_duplicate_id(node, self.address):
+            log.warning(
+                "node id %s is claimed by %s while %s holds it: a copied SD card?"
+                " refused with duplicate_id (%d refusals so far)",
+                node.node_id,
+                theirs,
+                holding,
+                master.counters.duplicate_ids_total,
+            )
+        self.close(
+            p.E_DUPLICATE_ID,
+            f"node id {node.node_id} is in use by another machine at {holding}: a copied SD"
+            " card? Delete node_id in the slave's state_dir on one of the two Pis and restart"
+            " its rpicluster-slave",
+        )
 
     # -------------------------------------------------------------- queries
 
@@ -631,4 +667,6 @@ def _check_hello(hello: dict[str, Any]) -> str:
         return "hello nonce must be 16..128 printable characters"
     if "details" in hello and not isinstance(hello["details"], dict):
         return "hello details must be a JSON object"
+    if "instance" in hello and md.check_name(hello["instance"], _MAX_ID):
+        return f"hello instance must be 1..{_MAX_ID} printable characters"
     return ""

@@ -40,6 +40,8 @@ class Counters:
         "failed_queries_total",
         # Nodes removed with their history: ``rpicluster forget`` and forget_after.
         "nodes_forgotten_total",
+        # Hellos refused because another live machine holds the node id (a copied card).
+        "duplicate_ids_total",
     )
 
     def __init__(self) -> None:

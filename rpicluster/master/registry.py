@@ -30,6 +30,11 @@ DEAD = "dead"
 LEFT = "left"
 STATES = (ALIVE, SUSPECT, DEAD, LEFT)
 MAX_ROLES = 32  # roles a node may hold at once (docs/protocol.md "Limits")
+# A copied SD card: after refusing a hello with ``duplicate_id`` the node stays
+# flagged this long. The refused slave asks again every 60 s (slave.py), so the
+# flag holds steadily while the copy runs and clears a few minutes after it stops.
+DUPLICATE_ID_HOLD = 180.0
+DUPLICATE_ID_LOG_EVERY = 600.0  # seconds between two log lines about one node's copy
 
 
 class Session:
@@ -63,11 +68,23 @@ class Node:
         "sessions",
         "grace_until",
         "rates",
+        "name",
+        "groups",
+        "instance",
+        "dup_until",
+        "dup_address",
+        "dup_logged_at",
     )
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
         self.hostname = ""
+        self.name = ""  # details.node_name, else the hostname (kept in Registry.by_name)
+        self.groups: list[str] = []
+        self.instance: Optional[str] = None  # the hello's instance token of its connections
+        self.dup_until: Optional[float] = None  # monotonic end of the duplicate_id flag
+        self.dup_address = ""  # where the refused copy connected from
+        self.dup_logged_at: Optional[float] = None
         self.address = ""
         self.roles: list[str] = []
         self.state = DEAD
@@ -102,6 +119,7 @@ class Registry:
         self.clock = clock
         self.wall = wall
         self.nodes: dict[str, Node] = {}
+        self.by_name: dict[str, set[str]] = {}  # name -> ids of the nodes so named
         self.watch: set[Node] = set()  # nodes that are alive or suspect
         self.dirty: set[str] = set()
         self.pending_vitals: list[tuple[str, float, str]] = []
@@ -129,13 +147,75 @@ class Registry:
         else:
             self.watch.discard(node)
 
+    def _identify(self, node: Node) -> None:
+        """Set the node's hostname, name and groups from its details; keep by_name in step.
+
+        The name is what the fleet calls the node (``[slave] node_name``, the
+        inventory hostname), else its OS hostname. Several node ids may share a
+        name (identical cards, a re-flashed Pi): all are kept and flagged, never merged.
+        """
+        details = node.details
+        hostname = details.get("hostname")
+        node.hostname = hostname if isinstance(hostname, str) and hostname else node.address
+        name = details.get("node_name")
+        name = name if isinstance(name, str) and name else node.hostname
+        groups = details.get("groups")
+        node.groups = [g for g in groups if isinstance(g, str)] if isinstance(groups, list) else []
+        if name == node.name and node.node_id in self.by_name.get(name, ()):
+            return
+        self._unname(node)
+        node.name = name
+        self.by_name.setdefault(name, set()).add(node.node_id)
+
+    def _unname(self, node: Node) -> None:
+        ids = self.by_name.get(node.name)
+        if ids is not None:
+            ids.discard(node.node_id)
+            if not ids:
+                del self.by_name[node.name]
+
+    def holder(self, node_id: str, instance: Optional[str]) -> Optional[Node]:
+        """The node when another live process holds ``node_id``: a copied card.
+
+        Another process: both sent an ``instance`` token and they differ. Live:
+        connected and heard from within ``suspect_after``. A Pi that restarted
+        or rebooted is not live any more (its old connection closed or went
+        silent), so it takes its id back; a slave without a token never conflicts.
+        """
+        node = self.nodes.get(node_id)
+        if node is None or not node.sessions or instance is None or node.instance is None:
+            return None
+        if node.instance == instance or node.seen is None:
+            return None
+        return node if node.seen >= self.clock() - self.suspect_after else None
+
+    def flag_duplicate_id(self, node: Node, address: str) -> bool:
+        """Flag the node for DUPLICATE_ID_HOLD; True when a log line is due (rate-limited)."""
+        now = self.clock()
+        node.dup_until = now + DUPLICATE_ID_HOLD
+        node.dup_address = address
+        if node.dup_logged_at is None or now - node.dup_logged_at >= DUPLICATE_ID_LOG_EVERY:
+            node.dup_logged_at = now
+            return True
+        return False
+
+    def duplicate_id(self, node: Node) -> bool:
+        return node.dup_until is not None and self.clock() < node.dup_until
+
     def register(
-        self, node_id: str, role: str, address: str, details: dict[str, Any], conn: Any
+        self,
+        node_id: str,
+        role: str,
+        address: str,
+        details: dict[str, Any],
+        conn: Any,
+        instance: Optional[str] = None,
     ) -> tuple[Session, Optional[Session]]:
         """A slave session authenticated. Returns it and the session it replaces, if any.
 
         The caller closes the replaced session's connection (error ``replaced``);
-        it is detached here so its closing changes nothing.
+        it is detached here so its closing changes nothing. The caller has asked
+        :meth:`holder` first: a live node of another instance is refused, not replaced.
         """
         now = self.clock()
         node = self.nodes.get(node_id)
@@ -152,8 +232,8 @@ class Registry:
         node.address = address
         if details:
             node.details = details
-        hostname = node.details.get("hostname")
-        node.hostname = hostname if isinstance(hostname, str) and hostname else address
+        node.instance = instance
+        self._identify(node)
         node.seen = now
         node.grace_until = None
         self._set_state(node, ALIVE)
@@ -237,13 +317,13 @@ class Registry:
     def find(self, wanted: str) -> list[Node]:
         """The nodes ``wanted`` names: its node id first, else every node of that name.
 
-        A node's name is its ``node_name`` (names, contract 1), else its hostname.
-        Two Pis may share a name; the caller refuses an ambiguous one.
+        A node's name is its ``node_name``, else its hostname. Two Pis may share
+        a name; the caller refuses an ambiguous one.
         """
         node = self.nodes.get(wanted)
         if node is not None:
             return [node]
-        return [n for n in self.nodes.values() if node_label(n) == wanted]
+        return [self.nodes[i] for i in sorted(self.by_name.get(wanted, ())) if i in self.nodes]
 
     def forget(self, node_id: str) -> list[Session]:
         """Remove a node and its pending history; return its sessions for the caller to close.
@@ -253,6 +333,7 @@ class Registry:
         node = self.nodes.pop(node_id, None)
         if node is None:
             return []
+        self._unname(node)
         sessions = list(node.sessions.values())
         node.sessions.clear()
         self.watch.discard(node)
@@ -305,7 +386,11 @@ class Registry:
             if node.state in (ALIVE, SUSPECT):
                 node.grace_until = now + self.dead_after
                 self.watch.add(node)
+            old = self.nodes.get(node.node_id)
+            if old is not None:
+                self._unname(old)
             self.nodes[node.node_id] = node
+            self._identify(node)
         if skipped:
             log.warning("%d stored nodes skipped: no valid node id", skipped)
 
@@ -340,8 +425,12 @@ class Registry:
 
     def node_dict(self, node: Node) -> dict[str, Any]:
         """The node as documented in docs/protocol.md (``query`` what=node)."""
-        return {
+        doc = {
             "node_id": node.node_id,
+            "name": node.name or node.hostname,
+            "groups": list(node.groups),
+            "duplicate_name": len(self.by_name.get(node.name, ())) > 1,
+            "duplicate_id": self.duplicate_id(node),
             "hostname": node.hostname,
             "address": node.address,
             "roles": list(node.roles),
@@ -353,6 +442,9 @@ class Registry:
             "vitals": node.vitals,
             "action_errors": node.action_errors,
         }
+        if doc["duplicate_id"]:
+            doc["duplicate_id_address"] = node.dup_address
+        return doc
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
@@ -362,9 +454,8 @@ class Registry:
 
 
 def node_label(node: Node) -> str:
-    """A node's name: ``node_name`` of its details (names), else its hostname."""
-    name = getattr(node, "name", None) or node.details.get("node_name")
-    return name if isinstance(name, str) and name else node.hostname
+    """A node's name: ``node_name`` of its details, else its hostname."""
+    return node.name or node.hostname
 
 
 def _node_from_row(row: dict[str, Any]) -> Optional[Node]:
@@ -382,8 +473,6 @@ def _node_from_row(row: dict[str, Any]) -> Optional[Node]:
     node.details = md.clean_details(row.get("details"))
     node.vitals = md.clean_vitals(row.get("vitals"))
     node.action_errors = md.clean_action_errors(row.get("action_errors"))
-    hostname = node.details.get("hostname")
-    node.hostname = hostname if isinstance(hostname, str) and hostname else node.address
     state = row.get("state")
     node.state = state if state in STATES else DEAD
     return node

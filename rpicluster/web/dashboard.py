@@ -545,6 +545,7 @@ def render_node(
         _fact("hostname", node.get("hostname")),
         _fact("address", node.get("address")),
         _fact("roles", ", ".join(displayable.text(r) for r in _list(node.get("roles"))) or None),
+        _fact("groups", ", ".join(displayable.text(g) for g in _list(node.get("groups"))) or None),
         _fact("state", node.get("state")),
         _fact("connected", node.get("connected")),
         _fact("last seen", humanize.ago(number(node.get("last_seen")), now)),

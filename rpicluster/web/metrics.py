@@ -106,6 +106,7 @@ MASTER_HELP = {
     "rejected_frames_total": "Frames the master rejected (too large, not JSON).",
     "auth_failures_total": "Handshakes that failed authentication.",
     "bad_messages_total": "Messages that broke the protocol.",
+    "duplicate_ids_total": "Hellos refused: another machine holds the node id (a copied card).",
 }
 
 
