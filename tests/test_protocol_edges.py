@@ -398,3 +398,110 @@ def test_make_adds_the_type_and_keeps_the_fields():
     assert p.HEADER.unpack(frame[:4])[0] == len(frame) - 4
     assert frame[4:] == b'{"id":7,"what":"cluster","type":"query"}'
     assert p.decode_body(frame[4:]) == {"id": 7, "what": "cluster", "type": "query"}
+
+
+# ------------------------------------------------- what the first mutation run found
+
+
+def test_a_frame_of_exactly_the_limit_is_taken_when_it_arrives_in_pieces():
+    decoder = p.FrameDecoder(max_frame_size=200)
+    frame = p.HEADER.pack(200) + body_of(200)
+    assert decoder.feed(frame[:3]) == []
+    assert decoder.feed(frame[3:]) == [frame[4:]]
+
+
+def test_frame_decoder_fast_path_keeps_the_start_of_the_next_frame():
+    decoder = p.FrameDecoder()
+    assert decoder.feed(p.HEADER.pack(3) + b"abc" + b"\x00") == [b"abc"]
+    assert decoder.pending == 1
+    assert decoder.feed(b"\x00\x00\x02xy") == [b"xy"]
+
+
+def test_frame_decoder_never_takes_the_fast_path_over_pending_bytes():
+    """A pending header: the next read is that frame's body even if it looks like a frame."""
+    decoder = p.FrameDecoder()
+    assert decoder.feed(p.HEADER.pack(8)) == []
+    inner = p.HEADER.pack(4) + b"abcd"
+    assert decoder.feed(inner) == [inner]
+
+
+def test_nesting_of_exactly_the_limit_passes_among_many_brackets():
+    """More than MAX_DEPTH brackets make the parser walk the value: 16 levels still pass."""
+    deep = json.loads(nested(16))
+    deep["vitals"]["flat"] = [[1], [2], [3]]
+    body = json.dumps(deep).encode()
+    assert body.count(b"[") + body.count(b"{") > p.MAX_DEPTH
+    assert p.decode_body(body)["vitals"]["flat"] == [[1], [2], [3]]
+
+
+def test_a_long_infinite_number_is_cut_to_20_characters_in_the_message():
+    digits = "1" + "0" * 400
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode_body(f'{{"type":"heartbeat","seq":1,"sent_at":{digits}.5}}'.encode())
+    assert info.value.message == (
+        f"frame is not valid here: number {digits[:20]}... is out of range (not finite)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[]", "frame is not a JSON object"),
+        (b'{"type": 1}', "message has no string field 'type'"),
+    ],
+)
+def test_validate_names_the_fault_exactly(body, message):
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode_body(body)
+    assert (info.value.code, info.value.message) == (p.E_BAD_MESSAGE, message)
+
+
+def test_a_peer_closing_is_named_exactly(pair):
+    ours, theirs = pair
+    ours.close()
+    with pytest.raises(p.DisconnectionError) as info:
+        p.recv_message(theirs)
+    assert str(info.value) == "connection closed by peer"
+
+
+def test_mac_input_never_raises_on_a_lone_surrogate():
+    assert p.mac_input("\ud800") == b"12:rpicluster/2,3:\xed\xa0\x80,"
+
+
+def test_macs_equal_never_raises_on_non_ascii():
+    mac = p.welcome_mac(SECRET, "CN", "SN")
+    assert p.macs_equal(mac, "é" * 64) is False
+
+
+def test_handshake_logs_the_details_it_drops(pair, caplog):
+    ours, theirs = pair
+    caplog.set_level("WARNING", logger="rpicluster")
+
+    def master() -> None:
+        p.send_frame(ours, p.make(p.CHALLENGE, protocol=2, nonce="SN"))
+        p.recv_message(ours)
+        p.send_frame(ours, p.make(p.ERROR, code=p.E_AUTH_FAILED, message="no"))
+
+    thread = threading.Thread(target=master, daemon=True)
+    thread.start()
+    with pytest.raises(p.ProtocolError):
+        handshake(theirs, details={"hostname": "pi", "bad\x00key": 1})
+    thread.join(5)
+    assert any("details key 'bad\\x00key' dropped" in r.getMessage() for r in caplog.records)
+
+
+def test_handshake_applies_its_frame_limit_to_the_welcome_too(pair):
+    ours, theirs = pair
+
+    def master() -> None:
+        p.send_frame(ours, p.make(p.CHALLENGE, protocol=2, nonce="SN"))
+        hello = p.recv_message(ours)
+        mac = p.welcome_mac(SECRET, hello["nonce"], "SN")
+        p.send_frame(ours, p.make(p.WELCOME, protocol=2, mac=mac, master={"pad": "x" * 100}))
+
+    thread = threading.Thread(target=master, daemon=True)
+    thread.start()
+    with pytest.raises(p.ProtocolError) as info:
+        handshake(theirs, max_frame_size=100)
+    thread.join(5)
+    assert info.value.code == p.E_FRAME_TOO_LARGE

@@ -1,0 +1,561 @@
+"""The store at its edges: its queue's bounds at exactly their limits, the order in which
+a failed batch goes back, history reads at their exact budget, pruning, trimming, and
+the health it reports. Real SQLite files in tmp_path, reopened to see what was saved."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rpicluster.master import store as s
+from rpicluster.master.store import Store, StoreError, _Batch, _repaired, points_cap, read_history
+from tests.helpers import wait_for
+
+
+def point(node_id: str, ts: float, size: int = 10) -> tuple[str, float, str]:
+    """A vitals point whose JSON is exactly ``size`` bytes."""
+    data = json.dumps({"p": "x" * (size - 9)})
+    assert len(data) == size
+    return (node_id, ts, data)
+
+
+def node_row(node_id: str, state: str = "alive", last_seen: Any = 1.0) -> tuple[Any, ...]:
+    return (node_id, "pi", "10.0.0.1", '["basic"]', state, last_seen, "{}", None, "{}")
+
+
+def db_rows(state_dir: Path, sql: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(state_dir / "rpicluster.db") as db:
+        return db.execute(sql).fetchall()
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+# A window so long that the prune of the first write keeps the small test timestamps.
+FOREVER = 10.0**10
+
+
+@pytest.fixture
+def store(state_dir: Path):
+    instance = Store(str(state_dir), FOREVER)
+    instance.start()
+    yield instance
+    instance.close()
+
+
+def written(store: Store) -> bool:
+    """Everything handed over is in the file (the writer answers a read after it)."""
+    done = threading.Event()
+    store.read(lambda conn: None, lambda result: done.set())
+    return done.wait(10)
+
+
+# ------------------------------------------------------------------- helpers
+
+
+@pytest.mark.parametrize(
+    ("window", "cap"), [(60, 4096), (4096.9, 4096), (4097, 4097), (86400.5, 86400)]
+)
+def test_points_cap_is_one_a_second_over_the_window_and_4096_at_least(window, cap):
+    assert points_cap(window) == cap
+
+
+def test_repaired_replaces_only_what_sqlite_cannot_encode():
+    row = ("id", "pi\ud800", "é", 3, None, b"raw")
+    # the three bytes of the lone surrogate's surrogatepass encoding, each replaced
+    assert _repaired(row) == ("id", "pi\ufffd\ufffd\ufffd", "é", 3, None, b"raw")
+    assert _repaired(("ascii",)) == ("ascii",)
+
+
+# --------------------------------------------------------------------- batch
+
+
+def test_a_batch_has_writes_from_any_kind_of_row_but_not_from_reads():
+    batch = _Batch()
+    assert not batch.has_writes() and batch.rows() == 0
+    batch.reads.append((lambda conn: None, lambda result: None))
+    assert not batch.has_writes()
+    for fill in (
+        lambda b: b.nodes.update(n=node_row("n")),
+        lambda b: b.seen.update(n=(1.0, "n")),
+        lambda b: b.add_points([point("n", 1.0)]),
+        lambda b: b.forgets.add("n"),
+    ):
+        batch = _Batch()
+        fill(batch)
+        assert batch.has_writes()
+    batch = _Batch()
+    batch.nodes["a"] = node_row("a")
+    batch.seen["b"] = (1.0, "b")
+    batch.forgets.update({"c", "d"})
+    assert batch.rows() == 4
+
+
+def test_the_queue_keeps_exactly_its_limit_of_points(monkeypatch):
+    monkeypatch.setattr(s, "QUEUE_POINTS", 5)
+    batch = _Batch()
+    assert batch.add_points([point("n", t) for t in range(5)]) == 0
+    assert len(batch.points) == 5
+    assert batch.add_points([point("n", 5), point("n", 6)]) == 2
+    assert [pt[1] for pt in batch.points] == [2, 3, 4, 5, 6]  # the oldest went
+    assert batch.point_bytes == 50
+
+
+def test_the_queue_keeps_exactly_its_limit_of_bytes(monkeypatch):
+    monkeypatch.setattr(s, "QUEUE_BYTES", 30)
+    batch = _Batch()
+    assert batch.add_points([point("n", t) for t in range(3)]) == 0
+    assert batch.point_bytes == 30
+    assert batch.add_points([point("n", 3, size=11)]) == 2  # 41 bytes: two oldest go
+    assert [pt[1] for pt in batch.points] == [2, 3]
+    assert batch.point_bytes == 21
+
+
+def test_points_put_in_front_keep_their_order():
+    batch = _Batch()
+    batch.add_points([point("n", 3), point("n", 4)])
+    batch.add_points([point("n", 1), point("n", 2)], front=True)
+    assert [pt[1] for pt in batch.points] == [1, 2, 3, 4]
+    assert batch.point_bytes == 40
+
+
+def test_forgetting_drops_what_is_queued_for_the_node():
+    batch = _Batch()
+    batch.nodes["a"] = node_row("a")
+    batch.nodes["b"] = node_row("b")
+    batch.seen["a"] = (1.0, "a")
+    batch.add_points([point("a", 1), point("b", 2, size=12), point("a", 3)])
+    batch.forget("a")
+    assert list(batch.nodes) == ["b"] and batch.seen == {}
+    assert list(batch.points) == [point("b", 2, size=12)]
+    assert batch.point_bytes == 12
+    assert batch.forgets == {"a"}
+    batch.forget("c")  # nothing queued for it: only the deletion
+    assert batch.point_bytes == 12 and batch.forgets == {"a", "c"}
+
+
+def test_take_oldest_stops_at_the_transaction_limit_of_points(monkeypatch):
+    monkeypatch.setattr(s, "TXN_POINTS", 3)
+    batch = _Batch()
+    batch.nodes["a"] = node_row("a")
+    batch.seen["a"] = (1.0, "a")
+    batch.forgets.add("z")
+    batch.since = 42.0
+    batch.add_points([point("n", t) for t in range(5)])
+    taken = batch.take_oldest()
+    assert [pt[1] for pt in taken.points] == [0, 1, 2]
+    assert (taken.point_bytes, batch.point_bytes) == (30, 20)
+    assert list(taken.nodes) == ["a"] and list(taken.seen) == ["a"] and taken.forgets == {"z"}
+    assert batch.nodes == {} and batch.seen == {} and batch.forgets == set()
+    assert taken.since == 42.0 and batch.since == 42.0
+    assert [pt[1] for pt in batch.points] == [3, 4]
+
+
+def test_take_oldest_stops_once_the_transaction_bytes_are_reached(monkeypatch):
+    monkeypatch.setattr(s, "TXN_BYTES", 25)
+    batch = _Batch()
+    batch.add_points([point("n", t) for t in range(5)])
+    taken = batch.take_oldest()
+    assert [pt[1] for pt in taken.points] == [0, 1, 2]  # 30 bytes: the third crossed 25
+    monkeypatch.setattr(s, "TXN_BYTES", 20)
+    again = batch.take_oldest()
+    assert [pt[1] for pt in again.points] == [3, 4]
+    assert batch.point_bytes == 0
+
+
+def test_a_failed_batch_goes_back_before_the_newer_rows():
+    newer = _Batch()
+    newer.nodes["a"] = node_row("a", state="left")
+    newer.seen["b"] = (9.0, "b")
+    newer.add_points([point("n", 5)])
+    newer.since = 20.0
+    older = _Batch()
+    older.nodes["a"] = node_row("a", state="alive")
+    older.nodes["c"] = node_row("c")
+    older.seen["b"] = (1.0, "b")
+    older.add_points([point("n", 1), point("n", 2)])
+    older.since = 10.0
+    assert newer.put_back(older) == 0
+    assert newer.nodes["a"][4] == "left" and list(newer.nodes) == ["a", "c"]
+    assert newer.seen["b"] == (9.0, "b")
+    assert [pt[1] for pt in newer.points] == [1, 2, 5]
+    assert newer.since == 10.0
+
+
+def test_a_failed_batch_keeps_the_newer_since_when_it_has_none():
+    newer = _Batch()
+    newer.since = 20.0
+    older = _Batch()
+    newer.put_back(older)
+    assert newer.since == 20.0
+    empty = _Batch()
+    older.since = 5.0
+    empty.put_back(older)
+    assert empty.since == 5.0
+    later = _Batch()
+    later.since = 3.0
+    older.since = 4.0
+    later.put_back(older)
+    assert later.since == 3.0
+
+
+def test_a_node_forgotten_meanwhile_does_not_come_back_with_the_failed_batch():
+    newer = _Batch()
+    newer.forget("gone")
+    older = _Batch()
+    older.nodes["gone"] = node_row("gone")
+    older.nodes["kept"] = node_row("kept")
+    older.seen["gone"] = (1.0, "gone")
+    older.forgets.add("earlier")
+    older.add_points([point("gone", 1), point("kept", 2)])
+    newer.put_back(older)
+    assert list(newer.nodes) == ["kept"] and newer.seen == {}
+    assert [pt[0] for pt in newer.points] == ["kept"]
+    assert newer.forgets == {"gone", "earlier"}
+
+
+def test_putting_back_into_a_full_queue_drops_the_oldest(monkeypatch):
+    monkeypatch.setattr(s, "QUEUE_POINTS", 3)
+    newer = _Batch()
+    newer.add_points([point("n", 3), point("n", 4)])
+    older = _Batch()
+    older.add_points([point("n", 1), point("n", 2)])
+    assert newer.put_back(older) == 1
+    assert [pt[1] for pt in newer.points] == [2, 3, 4]
+
+
+# ---------------------------------------------------------------- the store
+
+
+def test_an_unusable_state_dir_names_the_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError) as info:
+        Store(str(blocker / "state"), 3600.0)
+    assert str(info.value).startswith(f"{blocker / 'state' / 'rpicluster.db'}: cannot open")
+
+
+def test_an_unreadable_nodes_table_names_the_file(state_dir):
+    Store(str(state_dir), 3600.0).close()
+    with sqlite3.connect(state_dir / "rpicluster.db") as db:
+        db.execute("DROP TABLE nodes")
+        db.execute("CREATE TABLE nodes (node_id TEXT)")
+    store = Store(str(state_dir), 3600.0)
+    with pytest.raises(StoreError, match="cannot read the nodes table"):
+        store.load_nodes()
+    store.close()
+
+
+def test_nodes_load_in_registration_order_with_every_field(state_dir):
+    store = Store(str(state_dir), 3600.0)
+    store.start()
+    store.save_nodes(
+        [
+            ("b", "pi-b", "10.0.0.2", '["basic"]', "left", 5.5, '{"k": 1}', '{"cpu": 2}', "{}"),
+            ("a", "pi-a", "10.0.0.1", "[]", "dead", None, "{}", None, '{"r": {"count": 1}}'),
+        ]
+    )
+    store.close()
+    with sqlite3.connect(state_dir / "rpicluster.db") as db:
+        db.execute(
+            "INSERT INTO nodes VALUES ('bad', 'h', 'a', 'not json', 'dead', 1, '{}', NULL, '{}')"
+        )
+    store = Store(str(state_dir), 3600.0)
+    assert store.load_nodes() == [
+        {
+            "node_id": "b",
+            "hostname": "pi-b",
+            "address": "10.0.0.2",
+            "roles": ["basic"],
+            "state": "left",
+            "last_seen": 5.5,
+            "details": {"k": 1},
+            "vitals": {"cpu": 2},
+            "action_errors": {},
+        },
+        {
+            "node_id": "a",
+            "hostname": "pi-a",
+            "address": "10.0.0.1",
+            "roles": [],
+            "state": "dead",
+            "last_seen": None,
+            "details": {},
+            "vitals": None,
+            "action_errors": {"r": {"count": 1}},
+        },
+    ]
+    store.close()
+
+
+def test_empty_hand_overs_are_not_writes(store):
+    store.save_nodes([])
+    store.save_last_seen([])
+    store.add_vitals([])
+    health = store.health()
+    assert health["lag_seconds"] == 0.0 and health["pending_rows"] == 0
+    assert store._pending.since is None
+
+
+def test_health_of_a_fresh_store_and_one_never_started(state_dir):
+    idle = Store(str(state_dir / "idle"), 3600.0)
+    assert idle.health()["error"] == "the database writer is not running"
+    assert idle.health()["ok"] is False
+    idle.close()
+    store = Store(str(state_dir), 3600.0)
+    store.start()
+    assert store.health() == {
+        "ok": True,
+        "error": None,
+        "queue": 0,
+        "queue_limit": 20000,
+        "queue_bytes": 0,
+        "queue_bytes_limit": 16 * 1024 * 1024,
+        "pending_rows": 0,
+        "lag_seconds": 0.0,
+        "dropped_total": 0,
+        "rejected_total": 0,
+        "write_errors_total": 0,
+    }
+    store.close()
+    assert store.health()["error"] == "the database writer is not running"
+
+
+def test_last_seen_updates_reach_the_file(store, state_dir):
+    store.save_nodes([node_row("a", last_seen=1.0), node_row("b", last_seen=1.0)])
+    store.save_last_seen([(7.5, "a"), (8.5, "a")])
+    assert written(store)
+    assert db_rows(state_dir, "SELECT node_id, last_seen FROM nodes ORDER BY node_id") == [
+        ("a", 8.5),
+        ("b", 1.0),
+    ]
+
+
+def test_a_forgotten_node_loses_its_row_and_history(store, state_dir):
+    store.save_nodes([node_row("a"), node_row("b")])
+    store.add_vitals([point("a", 1.0), point("b", 2.0)])
+    assert written(store)
+    store.forget("a")
+    store.add_vitals([point("a", 3.0)])  # came after the forget: a new node's point
+    assert written(store)
+    assert db_rows(state_dir, "SELECT node_id FROM nodes") == [("b",)]
+    assert db_rows(state_dir, "SELECT node_id, ts FROM vitals ORDER BY ts") == [
+        ("b", 2.0),
+        ("a", 3.0),
+    ]
+
+
+def test_a_read_while_stopping_is_refused_at_once(state_dir):
+    store = Store(str(state_dir), 3600.0)
+    store.start()
+    answers = []
+    with store._cond:  # the writer cannot take the stop before this read is refused
+        store._stopping = True
+        store.read(lambda conn: 1, answers.append)
+        store._stopping = False
+    assert len(answers) == 1 and isinstance(answers[0], StoreError)
+    assert str(answers[0]) == f"{store.path}: the master is stopping"
+    store.close()
+
+
+def test_a_read_gets_its_result_or_its_exception(store):
+    results: list[Any] = []
+    done = threading.Event()
+
+    def keep(result: Any) -> None:
+        results.append(result)
+        if len(results) == 2:
+            done.set()
+
+    store.read(lambda conn: conn.execute("SELECT 41 + 1").fetchone()[0], keep)
+    store.read(lambda conn: conn.execute("SELECT * FROM missing"), keep)
+    assert done.wait(10)
+    assert results[0] == 42 and isinstance(results[1], sqlite3.OperationalError)
+
+
+def test_a_read_whose_hand_over_fails_is_logged_and_harms_nothing(store, caplog):
+    caplog.set_level(logging.WARNING)
+
+    def broken(result: Any) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    store.read(lambda conn: 1, broken)
+    assert written(store)
+    assert any(
+        "a read result could not be handed over: RuntimeError('Event loop is closed')"
+        in r.getMessage()
+        for r in caplog.records
+    )
+    assert store.health()["ok"] is True
+
+
+def test_dropped_points_are_logged_once_a_minute(store, monkeypatch, caplog):
+    caplog.set_level(logging.ERROR)
+    clock = [1000.0]
+    monkeypatch.setattr(s.time, "monotonic", lambda: clock[0])
+    store._drop_logged_at = -s.DROP_LOG_INTERVAL
+    store._dropped(3, "the write queue is full")
+    clock[0] += 59.5
+    store._dropped(2, "the write queue is full")
+    clock[0] += 0.5
+    store._dropped(1, "the write queue is full")
+    lines = [r.getMessage() for r in caplog.records if "vitals points dropped" in r.getMessage()]
+    assert lines == [
+        f"{store.path}: 3 vitals points dropped (3 in all): the write queue is full",
+        f"{store.path}: 1 vitals points dropped (6 in all): the write queue is full",
+    ]
+    assert store.dropped_total == 6
+
+
+def test_health_reports_recent_drops_for_lag_limit_seconds(store, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(s.time, "monotonic", lambda: clock[0])
+    store._dropped(1, "the write queue is full")
+    clock[0] += 29.5
+    assert store.health()["error"] == ("vitals points dropped in the last 30 s (write queue full)")
+    clock[0] += 0.5
+    assert store.health()["ok"] is True
+
+
+def test_health_reports_lag_past_thirty_seconds(store, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(s.time, "monotonic", lambda: clock[0])
+    store._pending.since = 990.0
+    store._inflight_since = 975.0
+    health = store.health()
+    assert health["lag_seconds"] == 25.0 and health["ok"] is True
+    clock[0] = 1005.0
+    assert store.health()["ok"] is True  # exactly 30 s is not yet behind
+    clock[0] = 1005.5
+    assert store.health()["error"] == "writes are 30 s behind"
+    store._pending.since = store._inflight_since = None
+
+
+# ---------------------------------------------------------------- history
+
+
+def fill(state_dir: Path, points: list[tuple[str, float, str]]) -> sqlite3.Connection:
+    store = Store(str(state_dir), FOREVER)
+    store.start()
+    store.add_vitals(points)
+    store.close()
+    return sqlite3.connect(state_dir / "rpicluster.db")
+
+
+def test_history_reads_stop_at_exactly_their_budget(state_dir):
+    conn = fill(state_dir, [point("n", t, size=10) for t in range(1, 6)])
+    # k points of 10 bytes cost 2 + k * 11 bytes of budget
+    assert read_history(conn, "n", None, 100, 2 + 3 * 11) == (
+        "[" + ",".join([point("n", 0)[2]] * 3) + "]",
+        True,
+    )
+    text, more = read_history(conn, "n", None, 100, 2 + 3 * 11 - 1)
+    assert len(json.loads(text)) == 2 and more
+    text, more = read_history(conn, "n", None, 100, 2 + 5 * 11)
+    assert len(json.loads(text)) == 5 and not more
+    conn.close()
+
+
+def test_history_reads_stop_at_exactly_their_limit(state_dir):
+    conn = fill(state_dir, [point("n", t) for t in range(1, 6)] + [point("m", 3)])
+    assert read_history(conn, "n", None, 5, 10**6)[1] is False
+    text, more = read_history(conn, "n", None, 4, 10**6)
+    assert len(json.loads(text)) == 4 and more
+    assert read_history(conn, "n", 3.0, 10, 10**6)[0].count("{") == 2  # after ts 3 only
+    assert read_history(conn, "n", 5.0, 10, 10**6) == ("[]", False)
+    assert read_history(conn, "x", None, 10, 10**6) == ("[]", False)
+    conn.close()
+
+
+def test_history_without_since_includes_a_point_at_time_zero(state_dir):
+    conn = fill(state_dir, [point("n", 0.0), point("n", -0.5)])
+    text, _ = read_history(conn, "n", None, 10, 10**6)
+    assert len(json.loads(text)) == 2
+    conn.close()
+
+
+# ------------------------------------------------------------ prune and trim
+
+
+def test_the_first_prune_scans_everything_and_later_ones_each_known_node(state_dir, monkeypatch):
+    now = [10_000.0]
+    monkeypatch.setattr(s.time, "time", lambda: now[0])
+    store = Store(str(state_dir), 100.0)
+    with sqlite3.connect(state_dir / "rpicluster.db") as db:
+        # an orphan's old points (no nodes row): only the first full scan finds them
+        db.executemany("INSERT INTO vitals VALUES (?, ?, ?)", [("orphan", 1.0, "{}")])
+    store.start()
+    store.save_nodes([node_row("a")])
+    store.add_vitals([point("a", 9_899.0), point("a", 9_900.0), point("a", 9_970.0)])
+    assert written(store)
+    assert db_rows(state_dir, "SELECT node_id, ts FROM vitals ORDER BY ts") == [
+        ("a", 9_900.0),
+        ("a", 9_970.0),
+    ]
+    with sqlite3.connect(state_dir / "rpicluster.db") as db:
+        db.executemany(
+            "INSERT INTO vitals VALUES (?, ?, ?)", [("orphan", 2.0, "{}"), ("a", 5.0, "{}")]
+        )
+    now[0] += 59.0  # not yet a minute: no prune
+    store.add_vitals([point("a", 10_000.0)])
+    assert written(store)
+    assert len(db_rows(state_dir, "SELECT * FROM vitals")) == 5
+    now[0] += 1.0
+    store.add_vitals([point("a", 10_001.0)])
+    assert written(store)
+    # a known node's old point is gone; the orphan's is left for the next full scan
+    assert db_rows(state_dir, "SELECT node_id, ts FROM vitals ORDER BY ts") == [
+        ("orphan", 2.0),
+        ("a", 9_970.0),
+        ("a", 10_000.0),
+        ("a", 10_001.0),
+    ]
+    store.close()
+
+
+def test_a_node_is_trimmed_to_its_cap_at_its_first_points_and_every_512_after(
+    state_dir, monkeypatch
+):
+    monkeypatch.setattr(s, "POINTS_PER_NODE", 600)
+    monkeypatch.setattr(s.time, "time", lambda: 0.0)  # no point is older than the window
+    store = Store(str(state_dir), 1.0)  # cap 600: trimmed to 600 - 512 = 88 when checked
+    store.start()
+    store.add_vitals([point("n", t) for t in range(1, 101)])
+    assert written(store)
+    count = "SELECT COUNT(*) FROM vitals WHERE node_id = 'n'"
+    assert db_rows(state_dir, count) == [(88,)]
+    assert db_rows(state_dir, "SELECT MIN(ts) FROM vitals") == [(13.0,)]  # the newest kept
+    store.add_vitals([point("n", t) for t in range(101, 101 + 511)])
+    assert written(store)
+    assert db_rows(state_dir, count) == [(88 + 511,)]  # 511 since the check: not yet
+    store.add_vitals([point("n", 1000.0)])
+    assert written(store)
+    assert db_rows(state_dir, count) == [(88,)]
+    store.close()
+
+
+def test_the_store_survives_a_writer_bug_and_retries(store, state_dir, monkeypatch, caplog):
+    calls = collections.Counter()
+    real = store._transaction
+
+    def buggy(batch, prune):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyError("bug")
+        return real(batch, prune)
+
+    monkeypatch.setattr(store, "_transaction", buggy)
+    monkeypatch.setattr(s, "RETRY_MIN", 0.01)
+    store.save_nodes([node_row("a")])
+    wait_for(lambda: db_rows(state_dir, "SELECT node_id FROM nodes") == [("a",)])
+    assert any("unexpected failure writing a batch" in r.getMessage() for r in caplog.records)
+    assert store.health()["ok"] is True
