@@ -33,12 +33,15 @@ def node(state: str = "alive", vitals: Optional[dict] = None, node_id: str = "n1
     return (node_id, f"pi-{node_id}", state, vitals)
 
 
-def run(eng: a.AlertEngine, clock: Clock, nodes: list, seconds: float, store=None) -> list[dict]:
-    """Evaluate every second for ``seconds``; every notification made meanwhile."""
+def run(
+    eng: a.AlertEngine, clock: Clock, nodes: list, seconds: float, store=None, gone=()
+) -> list[dict]:
+    """Evaluate every second for ``seconds``, ``nodes`` changed at the first; every
+    notification made meanwhile."""
     out = []
-    for _ in range(int(seconds)):
+    for second in range(int(seconds)):
         clock.now += 1
-        out += eng.evaluate(list(nodes), store)
+        out += eng.evaluate(list(nodes) if second == 0 else [], store, gone=gone)
     return out
 
 
@@ -117,7 +120,7 @@ def test_a_forgotten_node_resolves_at_once():
     eng, clock = engine()
     run(eng, clock, [node("alive")], 1)
     run(eng, clock, [node("dead")], 11)
-    notes = run(eng, clock, [], 1)
+    notes = run(eng, clock, [], 1, gone=["n1"])
     assert [(n["status"], n["alert"]) for n in notes] == [("resolved", "node_dead")]
     assert notes[0]["summary"].endswith("(node forgotten)")
 
@@ -128,6 +131,17 @@ def test_nodes_dead_when_the_master_starts_are_shown_but_not_sent():
     assert [f["alert"] for f in eng.summary()["firing"]] == ["node_dead"]
     assert run(eng, clock, [node("alive")], 30) == []  # never told, so no resolved either
     assert run(eng, clock, [node("dead")], 11)[0]["status"] == "firing"
+
+
+def test_only_changed_nodes_are_looked_at_again():
+    eng, clock = engine()
+    run(eng, clock, [node("alive", node_id="n1"), node("alive", node_id="n2")], 1)
+    run(eng, clock, [node("alive", {"temperature": 99.0}, "n1")], 11)
+    # n1 is not passed again: its condition still holds until it changes.
+    assert run(eng, clock, [], 30) == []
+    assert [f["node_id"] for f in eng.firing()] == ["n1"]
+    notes = run(eng, clock, [node("alive", {"temperature": 40.0}, "n1")], 11)
+    assert [(n["status"], n["node_id"]) for n in notes] == [("resolved", "n1")]
 
 
 def test_store_failing():
@@ -143,7 +157,7 @@ def test_store_failing():
 def test_firing_list_puts_critical_first():
     eng, clock = engine()
     run(eng, clock, [node("alive", {"temperature": 99.0}, "n1")], 20)
-    run(eng, clock, [node("alive", {"temperature": 99.0}, "n1"), node("dead", None, "n2")], 11)
+    run(eng, clock, [node("dead", None, "n2")], 11)
     assert [f["alert"] for f in eng.firing()] == ["node_dead", "temperature_high"]
 
 

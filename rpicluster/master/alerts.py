@@ -68,6 +68,7 @@ class _State:
 
 
 Condition = tuple[str, Optional[float], Optional[float]]  # summary, value, threshold
+_NONE: dict[str, Condition] = {}  # no rule holds (shared: never modified)
 
 
 class AlertEngine:
@@ -89,11 +90,22 @@ class AlertEngine:
         self.fired_total = 0
         self.resolved_total = 0
         self._first = True
+        # node_id -> (name, rules that held at its latest change); nodes with none are absent.
+        self._current: dict[str, tuple[str, dict[str, Condition]]] = {}
+        self._frozen: set[str] = set()  # nodes neither alive nor suspect: vitals rules frozen
 
     # ----------------------------------------------------------------- rules
 
-    def node_conditions(self, state: str, vitals: Any, name: str) -> dict[str, Condition]:
-        """The rules that hold for one node now (rule -> summary, value, threshold)."""
+    def node_conditions(
+        self, state: str, vitals: Any, who: Any, name_of: Callable[[Any], str] = str
+    ) -> dict[str, Condition]:
+        """The rules that hold for one node now (rule -> summary, value, threshold).
+
+        ``name_of(who)`` names the node, called only when a rule holds.
+        """
+        if state == "alive" and self._healthy(vitals):
+            return _NONE  # the usual case, kept cheap: 10,000 nodes are looked at every second
+        name = name_of(who)
         s = self.settings
         found: dict[str, Condition] = {}
         if state == "dead" and s.dead:
@@ -131,31 +143,70 @@ class AlertEngine:
                 )
         return found
 
+    def _healthy(self, vitals: Any) -> bool:
+        """True when no vitals rule can hold (a fast, conservative check)."""
+        if not isinstance(vitals, dict):
+            return True
+        s = self.settings
+        get = vitals.get
+        temp = get("temperature")
+        if s.temperature > 0 and type(temp) in (int, float) and temp > s.temperature:
+            return False
+        if s.power:
+            word = get("throttled")
+            if type(word) is int and word & 0xF:
+                return False
+            if get("under_voltage_alarm") == 1:
+                return False
+        if s.disk_free_percent > 0:
+            free, total = get("disk_free"), get("disk_total")
+            numbers = type(free) in (int, float) and type(total) in (int, float)
+            if numbers and total and free * 100.0 < s.disk_free_percent * total:
+                return False
+        return True
+
     # ------------------------------------------------------------ evaluation
 
     def evaluate(
         self,
-        nodes: Iterable[tuple[str, str, str, Any]],
+        changed: Iterable[tuple[str, Any, str, Any]],
         store: Optional[dict[str, Any]] = None,
+        name_of: Callable[[Any], str] = str,
+        gone: Iterable[str] = (),
     ) -> list[dict[str, Any]]:
         """Advance every alert; return the notifications (firing/resolved) now due.
 
-        ``nodes`` are ``(node_id, name, state, vitals)``; ``store`` is the store's
-        health object. A node's vitals rules are frozen while it is not alive or
-        suspect (its last reading is stale: neither fire nor resolve on it); a
-        node no longer listed (forgotten) resolves all its alerts at once.
+        ``changed`` are the nodes whose state or vitals changed since the previous
+        call (all of them the first time), as ``(node_id, who, state, vitals)``;
+        ``name_of(who)`` names a node, asked only when a rule holds. The others
+        keep the conditions found before, so a call costs the changes and the
+        alerts, not the fleet. ``gone`` are forgotten nodes: their alerts resolve
+        at once. ``store`` is the store's health object. A node's vitals rules are
+        frozen while it is not alive or suspect (its last reading is stale:
+        neither fire nor resolve on it).
         """
         now, wall = self.clock(), self.wall()
         first, self._first = self._first, False
-        active: dict[tuple[str, str], tuple[str, Condition]] = {}
-        frozen: set[tuple[str, str]] = set()
-        listed: set[str] = set()
-        for node_id, name, state, vitals in nodes:
-            listed.add(node_id)
-            for rule, condition in self.node_conditions(state, vitals, name).items():
-                active[(rule, node_id)] = (name, condition)
-            if state not in ("alive", "suspect"):
-                frozen.update((rule, node_id) for rule in _VITALS_RULES)
+        current, frozen = self._current, self._frozen
+        for node_id, who, state, vitals in changed:
+            found = self.node_conditions(state, vitals, who, name_of)
+            if found:
+                current[node_id] = (name_of(who), found)
+            else:
+                current.pop(node_id, None)
+            if state in ("alive", "suspect"):
+                frozen.discard(node_id)
+            else:
+                frozen.add(node_id)
+        forgotten = set(gone)
+        for node_id in forgotten:
+            current.pop(node_id, None)
+            frozen.discard(node_id)
+        active: dict[tuple[str, str], tuple[str, Condition]] = {
+            (rule, node_id): (name, condition)
+            for node_id, (name, found) in current.items()
+            for rule, condition in found.items()
+        }
         if self.settings.store and isinstance(store, dict) and store.get("ok") is False:
             error = store.get("error") or "writes fail"
             active[(STORE_FAILING, "")] = ("", (f"the master's store fails: {error}", None, None))
@@ -176,20 +227,20 @@ class AlertEngine:
                 self.fired_total += 1
                 out.append(self._notification("firing", key, state, None))
         for key in list(self.states):
-            if key in active or key in frozen:
+            if key in active or (key[1] in frozen and key[0] in _VITALS_RULES):
                 continue
             state = self.states[key]
-            gone = key[1] != "" and key[1] not in listed
             if not state.firing:
                 del self.states[key]  # pending only: never told, nothing to resolve
                 continue
             if state.clear_since is None:
                 state.clear_since = now
-            if gone or now - state.clear_since >= hold:
+            was_forgotten = key[1] in forgotten
+            if was_forgotten or now - state.clear_since >= hold:
                 del self.states[key]
                 if state.notified:
                     self.resolved_total += 1
-                    if gone:
+                    if was_forgotten:
                         state.summary += " (node forgotten)"
                     out.append(self._notification("resolved", key, state, wall))
         return out
@@ -215,6 +266,11 @@ class AlertEngine:
         }
 
     # ----------------------------------------------------------------- views
+
+    @property
+    def first(self) -> bool:
+        """No evaluation yet: the next one must be given every node."""
+        return self._first
 
     def firing(self) -> list[dict[str, Any]]:
         """The firing alerts, critical first, then oldest first."""

@@ -122,6 +122,9 @@ class Registry:
         self.by_name: dict[str, set[str]] = {}  # name -> ids of the nodes so named
         self.watch: set[Node] = set()  # nodes that are alive or suspect
         self.dirty: set[str] = set()
+        # Node ids whose state or vitals changed since the alert rules last looked
+        # (alerts.py), so they look at the changes, not the whole fleet each second.
+        self.changed: set[str] = set()
         self.pending_vitals: list[tuple[str, float, str]] = []
         self._offset = 0.0
         self.started = clock()  # stands in for the last-seen time of a node loaded without one
@@ -142,6 +145,7 @@ class Registry:
         if node.state != state:
             node.state = state
             self.dirty.add(node.node_id)
+            self.changed.add(node.node_id)
         if state in (ALIVE, SUSPECT):
             self.watch.add(node)
         else:
@@ -236,6 +240,7 @@ class Registry:
         self._identify(node)
         node.seen = now
         node.grace_until = None
+        self.changed.add(node_id)  # details (its name) may have changed
         self._set_state(node, ALIVE)
         self.dirty.add(node_id)
         return session, old
@@ -256,6 +261,7 @@ class Registry:
             vitals["ts"] = ts = round(self.clock() + self._offset, 3)
         node = session.node
         node.vitals = vitals
+        self.changed.add(node.node_id)
         self.pending_vitals.append((node.node_id, float(ts), json.dumps(vitals)))
         self.dirty.add(node.node_id)
 
@@ -338,6 +344,7 @@ class Registry:
         node.sessions.clear()
         self.watch.discard(node)
         self.dirty.discard(node_id)
+        self.changed.add(node_id)
         if any(point[0] == node_id for point in self.pending_vitals):
             self.pending_vitals = [pt for pt in self.pending_vitals if pt[0] != node_id]
         return sessions

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from rpicluster import protocol as p
@@ -54,13 +55,22 @@ def forget_stale(master: Master) -> None:
 
 def evaluate_alerts(master: Master) -> None:
     """Advance the alert rules (alerts.py); hand what is due to the webhook thread."""
-    nodes = (
-        (node.node_id, node_label(node), node.state, node.vitals)
-        for node in master.registry.nodes.values()
-    )
+    registry = master.registry
+    if master.alerts.first:
+        ids: Iterable[str] = list(registry.nodes)
+        registry.changed.clear()
+    else:
+        ids, registry.changed = registry.changed, set()
+    changed, gone = [], []
+    for node_id in ids:
+        node = registry.nodes.get(node_id)
+        if node is None:
+            gone.append(node_id)
+        else:
+            changed.append((node_id, node, node.state, node.vitals))
     store = master.store.health() if master.store is not None else None
     now = master.clock()
-    for note in master.alerts.evaluate(nodes, store):
+    for note in master.alerts.evaluate(changed, store, node_label, gone):
         master.log_alerts(now, logging.WARNING, "alert %s: %s", note["status"], note["summary"])
         if master.webhook is not None:
             master.webhook.put(note)
