@@ -316,7 +316,9 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"rpicluster: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        with MasterClient(host, port, config.cluster.secret, timeout=args.timeout) as client:
+        with MasterClient(
+            host, port, config.cluster.secret, timeout=args.timeout, tls=config.tls
+        ) as client:
             state = client.cluster_state()
     except ClientError as exc:
         print(f"rpicluster status: {exc}", file=sys.stderr)
@@ -350,7 +352,9 @@ def run_forget(args: argparse.Namespace) -> int:
         print(f"rpicluster: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        with MasterClient(host, port, config.cluster.secret, timeout=args.timeout) as client:
+        with MasterClient(
+            host, port, config.cluster.secret, timeout=args.timeout, tls=config.tls
+        ) as client:
             data = client.forget(args.node, force=args.force)
     except QueryFailed as exc:
         print(f"rpicluster forget: {exc}", file=sys.stderr)

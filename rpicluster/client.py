@@ -9,9 +9,15 @@ from __future__ import annotations
 import contextlib
 import itertools
 import socket
-from typing import Any, Optional
+import ssl
+from typing import TYPE_CHECKING, Any, Optional
 
 from rpicluster import protocol
+from rpicluster import tls as tlsmod
+from rpicluster.config import TlsSettings
+
+if TYPE_CHECKING:
+    from rpicluster.config import Config
 
 
 class ClientError(Exception):
@@ -38,16 +44,33 @@ class MasterClient:
         *,
         node_id: Optional[str] = None,
         max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
+        tls: Optional[TlsSettings] = None,
     ) -> None:
         self.host = host
+        # With [tls]: the master is verified (CA and name) before a byte of the
+        # protocol is sent, and our own certificate is shown to it.
+        self.tls = tls
         self.port = int(port)
         self.secret = secret
         self.timeout = timeout
         self.node_id = node_id or f"cli@{socket.gethostname()}"
         self.max_frame_size = max_frame_size
         self.master_info: dict[str, Any] = {}
-        self._sock: Optional[socket.socket] = None
+        self._sock: Any = None  # a socket, or a tls.TlsSocket over one
         self._ids = itertools.count(1)
+
+    @classmethod
+    def from_config(cls, config: Config, timeout: float = 5.0) -> MasterClient:
+        """A client of the master this config names, with its secret and ``[tls]``."""
+        host, port = config.master_address()
+        return cls(
+            host,
+            port,
+            config.cluster.secret,
+            timeout=timeout,
+            max_frame_size=config.cluster.max_frame_size,
+            tls=config.tls,
+        )
 
     @property
     def where(self) -> str:
@@ -59,6 +82,18 @@ class MasterClient:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as exc:
             raise ClientError(f"cannot reach the master at {self.where}: {exc}") from None
+        if self.tls is not None:
+            try:
+                context = tlsmod.cached_client_context(self.tls)
+                sock = tlsmod.connect(sock, context, self.tls.master_name or self.host)
+            except ssl.SSLError as exc:
+                sock.close()
+                raise ClientError(
+                    f"TLS with the master at {self.where} failed: {tlsmod.explain(exc)}"
+                ) from None
+            except (OSError, tlsmod.TlsError) as exc:
+                sock.close()
+                raise ClientError(f"TLS with the master at {self.where} failed: {exc}") from None
         try:
             welcome = protocol.client_handshake(
                 sock,
@@ -80,7 +115,9 @@ class MasterClient:
             ) from None
         except (OSError, protocol.DisconnectionError) as exc:
             sock.close()
-            raise ClientError(f"handshake with the master at {self.where} failed: {exc}") from None
+            cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
+            text = tlsmod.explain(cause) if isinstance(cause, ssl.SSLError) else str(exc)
+            raise ClientError(f"handshake with the master at {self.where} failed: {text}") from None
         self.master_info = welcome.get("master", {})
         self._sock = sock
         return self

@@ -48,6 +48,18 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """``[tls]``: this Pi's credential and the cluster CA (paths on the Pi; tls.py)."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+    # Slaves and clients: the name the master's certificate must hold (DNS or IP
+    # SAN). Empty: the address dialled ([slave] master_ip, or the master's bind).
+    master_name: str = ""
+
+
+@dataclass(frozen=True)
 class ClusterSettings:
     """What the master and every slave must agree on ([cluster])."""
 
@@ -139,6 +151,8 @@ class Config:
     webserver: WebserverSettings
     raw: configparser.ConfigParser = field(repr=False, compare=False)
     alerts: AlertSettings = AlertSettings()
+    # [tls]: this Pi's certificate and the cluster CA; None runs HMAC only.
+    tls: Optional[TlsSettings] = None
 
     def section(self, name: str) -> dict[str, str]:
         """Raw options of any section, for a custom role's own settings."""
@@ -410,6 +424,33 @@ def _read_alerts(r: _Reader) -> AlertSettings:
     )
 
 
+def _read_tls(r: _Reader) -> Optional[TlsSettings]:
+    """``[tls]``: all three files or none; each readable, the key private, all loadable."""
+    s = "tls"
+    if not r.parser.has_section(s):
+        return None
+    # Imported here: a slave without [tls] never maps OpenSSL (cli._lean_hashing).
+    from rpicluster.tls import TlsError, check_files
+
+    base = Path(r.path).parent if r.path and not r.path.startswith("<") else Path(".")
+
+    def path(key: str) -> str:
+        value = r.text(s, key)
+        return str(base / value) if not Path(value).is_absolute() else value
+
+    settings = TlsSettings(
+        ca_file=path("ca_file"),
+        cert_file=path("cert_file"),
+        key_file=path("key_file"),
+        master_name=r.text(s, "master_name", ""),
+    )
+    try:
+        check_files(settings)
+    except TlsError as exc:
+        raise r.error(s, exc.key, exc.problem) from None
+    return settings
+
+
 def _check_known_keys(r: _Reader) -> None:
     """A misspelt key in a known section is an error, not a silently ignored line."""
     known = {
@@ -418,6 +459,7 @@ def _check_known_keys(r: _Reader) -> None:
         "slave": SlaveSettings,
         "webserver": WebserverSettings,
         "alerts": AlertSettings,
+        "tls": TlsSettings,
     }
     for section, settings in known.items():
         if not r.parser.has_section(section):
@@ -455,6 +497,7 @@ def parse_config(text: str, path: str = "<string>", *, need: str = "any") -> Con
         webserver=_read_webserver(r),
         raw=parser,
         alerts=_read_alerts(r),
+        tls=_read_tls(r),
     )
 
 

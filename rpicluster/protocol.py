@@ -74,6 +74,7 @@ E_FORGOTTEN = "forgotten"  # an operator forgot the node (``rpicluster forget --
 # Another machine holds this node id now (a copied SD card): the hello is refused
 # and the slave retries only every minute, so the two never take turns.
 E_DUPLICATE_ID = "duplicate_id"
+E_IDENTITY = "identity_mismatch"  # with TLS: the hello speaks for another node than the cert
 # Codes of ``refused`` notices (not fatal) and of failed query replies.
 E_BAD_VITALS = "bad_vitals"
 E_VITALS_RATE = "vitals_rate_limited"

@@ -27,13 +27,16 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from rpicluster import protocol
 from rpicluster.backoff import Backoff
-from rpicluster.config import DEFAULT_STATE_DIR, Config, ConfigError
+from rpicluster.config import DEFAULT_STATE_DIR, Config, ConfigError, TlsSettings
 from rpicluster.identity import IdentityError, load_or_create_node_id
 from rpicluster.nodeinfo import node_details
+
+if TYPE_CHECKING:  # ssl is imported only with [tls]: a lean slave never maps OpenSSL
+    from rpicluster.tls import TlsSocket
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ class _Link:
     """
 
     def __init__(
-        self, slave: RpiBasicSlaveThread, sock: socket.socket, interval: float, dead_after: float
+        self, slave: RpiBasicSlaveThread, sock: Any, interval: float, dead_after: float
     ) -> None:
         self.slave = slave
         self.sock = sock
@@ -128,7 +131,12 @@ class _Link:
                     self.close(f"no word from the master for {now - self.last_heard:.1f} s")
                     break
                 timeout = min(next_beat, self.last_heard + self.dead_after) - now
-                readable, _, _ = select.select([self.sock], [], [], max(timeout, 0.0))
+                # TLS may hold decrypted bytes already; select() sees only the socket.
+                pending = getattr(self.sock, "pending", None)
+                if pending is not None and pending():
+                    readable = [self.sock]
+                else:
+                    readable, _, _ = select.select([self.sock], [], [], max(timeout, 0.0))
                 if not readable:
                     continue
                 try:
@@ -221,6 +229,7 @@ class RpiBasicSlaveThread(threading.Thread):
         name: Optional[str] = None,
         node_name: Optional[str] = None,
         groups: tuple[str, ...] = (),
+        tls: Optional[TlsSettings] = None,
     ) -> None:
         if not secret:
             raise ValueError("secret is required (the [cluster] secret)")
@@ -235,6 +244,8 @@ class RpiBasicSlaveThread(threading.Thread):
         super().__init__(name=name or f"slave-{role}", daemon=True)
         self.server_address = (master_ip, int(socket_port))
         self.secret = secret
+        # With [tls]: verify the master (cluster CA and its name) before the hello.
+        self.tls = tls
         self.config = config
         if node_id is None:
             node_id = load_or_create_node_id(state_dir or DEFAULT_STATE_DIR)
@@ -291,6 +302,7 @@ class RpiBasicSlaveThread(threading.Thread):
             max_frame_size=cluster.max_frame_size,
             node_name=slave.node_name,
             groups=slave.groups,
+            tls=config.tls,
         )
 
     def details(self) -> dict[str, Any]:
@@ -412,8 +424,12 @@ class RpiBasicSlaveThread(threading.Thread):
         except OSError as exc:
             failures.log("connect", f"cannot reach the master at {host}:{port}: {exc}")
             return None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            sock = self._tls(sock, failures)
+            if sock is None:
+                return None
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             welcome = protocol.client_handshake(
                 sock,
                 self.secret,
@@ -439,7 +455,13 @@ class RpiBasicSlaveThread(threading.Thread):
             return None
         except (OSError, protocol.DisconnectionError) as exc:
             sock.close()
-            failures.log("handshake", f"handshake with {host}:{port} failed: {exc}")
+            refusal = self._tls_refusal(exc)
+            if refusal:  # the master refused our certificate
+                failures.log(
+                    "tls", f"master at {host}:{port} refused role {role}: {refusal}", logging.ERROR
+                )
+            else:
+                failures.log("handshake", f"handshake with {host}:{port} failed: {exc}")
             return None
         self.master_info = welcome.get("master", {})
         interval, dead_after = self._timing(self.master_info)
@@ -464,6 +486,43 @@ class RpiBasicSlaveThread(threading.Thread):
             port,
         )
         return link
+
+    def _tls_refusal(self, exc: BaseException) -> str:
+        """Why the master ended a TLS connection (its alert), or '' for other faults."""
+        if self.tls is None:
+            return ""
+        import ssl
+
+        from rpicluster.tls import explain
+
+        cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
+        return explain(cause) if isinstance(cause, ssl.SSLError) else ""
+
+    def _tls(self, sock: socket.socket, failures: _FailureLog) -> Optional[TlsSocket]:
+        """TLS handshake: the master must prove it is the master before we send a byte.
+
+        A master whose certificate is not of the cluster CA, or does not name the
+        address we dialled, gets no hello: nothing of the protocol is sent.
+        """
+        import ssl
+
+        from rpicluster import tls as tlsmod
+
+        assert self.tls is not None
+        host, port = self.server_address
+        try:
+            context = tlsmod.cached_client_context(self.tls)
+            return tlsmod.connect(sock, context, self.tls.master_name or host)
+        except ssl.SSLError as exc:
+            failures.log(
+                "tls",
+                f"TLS with the master at {host}:{port} failed: {tlsmod.explain(exc)}; nothing sent",
+                level=logging.ERROR,
+            )
+        except (OSError, tlsmod.TlsError) as exc:
+            failures.log("tls-io", f"TLS with the master at {host}:{port} failed: {exc}")
+        sock.close()
+        return None
 
     def _timing(self, master: dict[str, Any]) -> tuple[float, float]:
         """Heartbeat interval and dead_after for this link: the master's, when it says.

@@ -17,6 +17,7 @@ from rpicluster.config import (
     ConfigError,
     MasterSettings,
     SlaveSettings,
+    TlsSettings,
     WebserverSettings,
     load_config,
     parse_config,
@@ -203,7 +204,7 @@ def readme_tables() -> dict[str, dict[str, str]]:
         if header:
             section = tables.setdefault(header.group(1), {})
             continue
-        row = re.match(r"^\| `(\w+)` \| (`[^`]*`|\(required\)) \|", line)
+        row = re.match(r"^\| `(\w+)` \| (`[^`]*`|\([^)]*\)) \|", line)
         if row and section is not None:
             section[row.group(1)] = row.group(2).strip("`")
     return tables
@@ -211,7 +212,12 @@ def readme_tables() -> dict[str, dict[str, str]]:
 
 def test_readme_reference_lists_every_key_with_the_example_default():
     readme, example = readme_tables(), example_values()
-    assert set(readme) == {"cluster", "master", "slave", "webserver", "alerts"}
+    assert set(readme) == {"cluster", "master", "slave", "webserver", "alerts", "tls"}
+    # [tls] names files that must exist, so the example shows it commented out.
+    tls = readme.pop("tls")
+    assert set(tls) == {f.name for f in dataclasses.fields(TlsSettings)}
+    text = EXAMPLE.read_text()
+    assert all(f"# {key} = " in text for key in tls), tls
     for section, keys in readme.items():
         assert set(keys) == set(example[section]), section
         for key, default in keys.items():

@@ -13,10 +13,12 @@ import contextlib
 import json
 import logging
 import socket
-from typing import TYPE_CHECKING, Any, Optional
+import ssl
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from rpicluster import memberdata as md
 from rpicluster import protocol as p
+from rpicluster import tls as tlsmod
 from rpicluster.master.registry import MAX_ROLES, Node, Session, node_label
 from rpicluster.master.store import read_history
 
@@ -100,6 +102,11 @@ class Connection(asyncio.BufferedProtocol):
         self.closed = False
         self.said_goodbye = False
         self.timer: Optional[asyncio.TimerHandle] = None
+        # With [tls]: the connection's TLS layer, and who its certificate speaks for.
+        self.tls: Optional[tlsmod.ServerTls] = None
+        self.identity = ""
+        self.cert_not_after: Optional[float] = None
+        self.write: Callable[[bytes], None] = _nowhere
 
     # ------------------------------------------------------------ lifecycle
 
@@ -123,10 +130,20 @@ class Connection(asyncio.BufferedProtocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # One timer from accept to a valid hello: the TLS handshake runs inside it.
         self.timer = master.loop.call_later(
             master.config.cluster.handshake_timeout, self._handshake_timeout
         )
-        transport.write(
+        if master.tls_context is not None:
+            self.tls = tlsmod.ServerTls(master.tls_context)
+            self.write = self._tls_write
+            return  # the challenge follows the TLS handshake (_tls_ready)
+        self.write = transport.write
+        self._challenge()
+
+    def _challenge(self) -> None:
+        master = self.master
+        self.write(
             p.make(
                 p.CHALLENGE,
                 protocol=p.PROTOCOL_VERSION,
@@ -170,7 +187,7 @@ class Connection(asyncio.BufferedProtocol):
         if self.closed or self.transport is None:
             return
         if code is not None:
-            self.transport.write(p.make(p.ERROR, code=code, message=message))
+            self.write(p.make(p.ERROR, code=code, message=message))
         self.closed = True
         self.transport.close()
         # close() waits for queued bytes to be sent: a peer that is gone or never
@@ -249,6 +266,8 @@ class Connection(asyncio.BufferedProtocol):
             stalled = (
                 f", {self.decoder.pending} bytes of a frame pending" if self.decoder.pending else ""
             )
+            if self.tls is not None and not self.tls.ready:
+                stalled = ", TLS handshake not finished"
             limit = self.master.config.cluster.handshake_timeout
             self.fail(p.E_HANDSHAKE_TIMEOUT, f"no valid hello within {limit:g} s{stalled}")
 
@@ -258,7 +277,106 @@ class Connection(asyncio.BufferedProtocol):
         return self.master.read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self.master.read_buffer[:nbytes].tobytes())
+        data = self.master.read_buffer[:nbytes].tobytes()
+        if self.tls is not None:
+            data = self._tls_in(data)
+            if not data:
+                return
+        self.data_received(data)
+
+    # ------------------------------------------------------------------ TLS
+
+    def _tls_write(self, data: bytes) -> None:
+        tls = self.tls
+        if tls is None or not tls.ready or self.transport is None:
+            return  # nothing of the protocol crosses before the TLS handshake
+        self.transport.write(tls.encrypt(data))
+
+    def _tls_in(self, data: bytes) -> bytes:
+        """Ciphertext in, plaintext out; the handshake's records go back at once."""
+        tls = self.tls
+        assert tls is not None and self.transport is not None
+        if self.closed:
+            return b""
+        was_ready = tls.ready
+        try:
+            plain = tls.feed(data)
+        except ssl.SSLError as exc:
+            out = tls.output()
+            if out:
+                self.transport.write(out)  # the alert tells the peer why
+            self._tls_failed(exc)
+            return b""
+        out = tls.output()
+        if out:
+            self.transport.write(out)
+        if not was_ready and tls.ready and not self._tls_ready():
+            return b""
+        return plain
+
+    def _tls_failed(self, exc: BaseException) -> None:
+        master = self.master
+        master.counters.tls_failures_total += 1
+        master.log_refusals(
+            master.clock(),
+            logging.WARNING,
+            "peer %s: TLS handshake failed: %s; closing",
+            self.peer,
+            tlsmod.explain(exc),
+        )
+        self.close()
+
+    def _tls_ready(self) -> bool:
+        """The peer holds a certificate of the cluster CA: note whose, then challenge it."""
+        assert self.tls is not None
+        cert = self.tls.peer_cert()
+        name = tlsmod.peer_identity(cert)
+        if md.check_name(name, md.MAX_STRING):
+            self.master.counters.identity_refused_total += 1
+            self.fail(p.E_IDENTITY, "the certificate names no identity (subject commonName)")
+            return False
+        self.identity = name
+        self.cert_not_after = tlsmod.peer_not_after(cert)
+        self._challenge()
+        return True
+
+    def _check_identity(self, node_id: str, details: dict[str, Any]) -> str:
+        """Why this certificate may not speak as ``node_id`` with these details, or ''.
+
+        A Pi's certificate lets it speak only as itself: the node name it claims
+        must be the certificate's, a node id bound to another certificate is
+        refused, and one certificate holds one node id at a time.
+        """
+        name = self.identity
+        claimed = details.get("node_name")
+        if claimed is not None and claimed != name:
+            return f"hello names node {str(claimed)[:64]!r} but the certificate is {name!r}"
+        registry = self.master.registry
+        node = registry.nodes.get(node_id)
+        bound = bound_identity(node) if node is not None else ""
+        if bound and bound != name:
+            return f"node id {node_id} belongs to certificate {bound!r}, not {name!r}"
+        other = self.master.identities.get(name)
+        if other is not None and other != node_id:
+            holder = registry.nodes.get(other)
+            if holder is not None and holder.sessions:
+                return f"certificate {name!r} already speaks as node {other}, which is connected"
+        return ""
+
+    def _bind_identity(self, node_id: str, details: dict[str, Any]) -> dict[str, Any]:
+        """Record that ``node_id`` is this certificate's node; the details to store."""
+        master = self.master
+        name = self.identity
+        other = master.identities.get(name)
+        if other is not None and other != node_id and other in master.registry.nodes:
+            # The same credential with a new node id: the Pi was reinstalled.
+            master.forget_node(other, f"certificate {name!r} now speaks as node {node_id}")
+        master.identities[name] = node_id
+        return {
+            **details,
+            "node_name": name,
+            "tls": {"name": name, "not_after": self.cert_not_after},
+        }
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -297,7 +415,7 @@ class Connection(asyncio.BufferedProtocol):
                         if node.state != "alive":
                             master.registry.heard(session)
                     body = b'{"type":"heartbeat_ack","seq":%d}' % seq
-                    self.transport.write(_pack(len(body)) + body)  # type: ignore[union-attr]
+                    self.write(_pack(len(body)) + body)
                     continue
             try:
                 message = p.validate(message)
@@ -309,7 +427,7 @@ class Connection(asyncio.BufferedProtocol):
             if msg_type == p.HEARTBEAT:
                 if session is not None:
                     master.registry.heard(session)
-                self.transport.write(_ack(message["seq"]))  # type: ignore[union-attr]
+                self.write(_ack(message["seq"]))
             elif msg_type == p.VITALS:
                 if session is None:
                     self.fail(p.E_BAD_MESSAGE, "only a slave connection may send vitals")
@@ -407,6 +525,8 @@ class Connection(asyncio.BufferedProtocol):
             self.fail(p.E_BAD_MESSAGE, problem)
             return
         self.name = f"node_id={node_id} role={role} kind={kind}"
+        if self.identity:
+            self.name += f" certificate={self.identity}"
         secret = master.config.cluster.secret
         expected = p.hello_mac(secret, self.nonce, hello["nonce"], kind, node_id, role)
         if not p.macs_equal(hello["mac"], expected):
@@ -419,6 +539,16 @@ class Connection(asyncio.BufferedProtocol):
             if problem:
                 self.fail(p.E_BAD_DETAILS, problem)
                 return
+            # "tls" in details is the master's record of a certificate, never a peer's word.
+            details = {k: v for k, v in (details or {}).items() if k != "tls"}
+            if self.tls is not None:
+                # Before duplicate_id: a certificate that does not own the node id
+                # must not disturb (or flag) the node that does.
+                problem = self._check_identity(node_id, details)
+                if problem:
+                    master.counters.identity_refused_total += 1
+                    self.fail(p.E_IDENTITY, problem)
+                    return
             holder = master.registry.holder(node_id, hello.get("instance"))
             if holder is not None:
                 self._duplicate_id(holder, details or {})
@@ -427,6 +557,8 @@ class Connection(asyncio.BufferedProtocol):
             if node is not None and role not in node.roles and len(node.roles) >= MAX_ROLES:
                 self.fail(p.E_TOO_MANY_ROLES, f"node {node_id} already has {MAX_ROLES} roles")
                 return
+            if self.tls is not None:
+                details = self._bind_identity(node_id, details)
         self.authed = True
         self.kind = kind
         master.admission.authenticated(self)
@@ -434,7 +566,7 @@ class Connection(asyncio.BufferedProtocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.transport.write(  # type: ignore[union-attr]
+        self.write(
             p.make(
                 p.WELCOME,
                 protocol=p.PROTOCOL_VERSION,
@@ -623,7 +755,7 @@ class Connection(asyncio.BufferedProtocol):
     def send(self, frame: bytes) -> None:
         if self.closed or self.transport is None:
             return
-        self.transport.write(frame)
+        self.write(frame)
         if self.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
             self.fail(p.E_BAD_MESSAGE, "peer does not read its replies")
 
@@ -633,6 +765,17 @@ class _QueryError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def _nowhere(data: bytes) -> None:
+    """The writer of a connection not yet made: drops (nothing can be sent yet)."""
+
+
+def bound_identity(node: Any) -> str:
+    """The certificate name a node was bound to by TLS, or '' (docs/protocol.md 13)."""
+    record = node.details.get("tls")
+    name = record.get("name") if isinstance(record, dict) else None
+    return name if isinstance(name, str) else ""
 
 
 def _ack(seq: int) -> bytes:

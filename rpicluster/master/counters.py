@@ -42,6 +42,10 @@ class Counters:
         "nodes_forgotten_total",
         # Hellos refused because another live machine holds the node id (a copied card).
         "duplicate_ids_total",
+        # With [tls]: handshakes that failed (no or wrong certificate, not TLS), and
+        # hellos refused because they spoke for another node than their certificate.
+        "tls_failures_total",
+        "identity_refused_total",
     )
 
     def __init__(self) -> None:

@@ -451,6 +451,13 @@ class Registry:
         }
         if doc["duplicate_id"]:
             doc["duplicate_id_address"] = node.dup_address
+        record = node.details.get("tls")
+        if isinstance(record, dict):  # bound to a certificate (docs/protocol.md 13)
+            not_after = record.get("not_after")
+            days = None
+            if isinstance(not_after, (int, float)) and not isinstance(not_after, bool):
+                days = round((not_after - self.wall()) / 86400.0, 1)
+            doc["tls"] = {"name": record.get("name"), "not_after": not_after, "days_left": days}
         return doc
 
     def counts(self) -> dict[str, int]:

@@ -21,11 +21,12 @@ from typing import Any, Optional
 
 from rpicluster import __version__
 from rpicluster import protocol as p
+from rpicluster import tls as tlsmod
 from rpicluster.config import Config
 from rpicluster.master import upkeep
 from rpicluster.master.admission import Admission
 from rpicluster.master.alerts import EVALUATE_INTERVAL, AlertEngine
-from rpicluster.master.connection import Connection, fit_node
+from rpicluster.master.connection import Connection, bound_identity, fit_node
 from rpicluster.master.counters import Counters, LogLimiter
 from rpicluster.master.metrics import MetricsServer
 from rpicluster.master.registry import DEAD, Registry
@@ -100,6 +101,13 @@ class Master:
             settings.max_unauthenticated,
             settings.max_unauthenticated_per_address,
         )
+        # [tls]: every connection is TLS with a client certificate of the cluster CA;
+        # identities maps a certificate's name to the node id it speaks as.
+        self.tls_context = tlsmod.server_context(config.tls) if config.tls else None
+        self.tls_status: dict[str, Any] = (
+            tlsmod.own_status(config.tls) if config.tls else {"enabled": False}
+        )
+        self.identities: dict[str, str] = {}
         self._thread: Optional[threading.Thread] = None
         self._timers: list[asyncio.TimerHandle] = []
         self._last_sweep = self.clock()
@@ -149,6 +157,10 @@ class Master:
             )
             self.max_connections = self.admission.max_connections = cap
         self.registry.load(rows)
+        for node in self.registry.nodes.values():
+            name = bound_identity(node)
+            if name:
+                self.identities[name] = node.node_id
         self.started_at = round(self.registry.wall(), 3)
         self.store.start()
         if self.webhook is not None:
@@ -246,8 +258,9 @@ class Master:
                 self.log_refusals(
                     self.clock(), logging.WARNING, "connection from %s refused: %s", peer, reason
                 )
-                with contextlib.suppress(OSError):
-                    sock.send(p.make(p.ERROR, code=p.E_TOO_MANY_CONNECTIONS, message=reason))
+                if self.tls_context is None:  # with TLS no frame can precede the handshake
+                    with contextlib.suppress(OSError):
+                        sock.send(p.make(p.ERROR, code=p.E_TOO_MANY_CONNECTIONS, message=reason))
                 sock.close()
                 continue
             conn = Connection(self, address, peer)
@@ -366,7 +379,7 @@ class Master:
         goodbye = p.make(p.GOODBYE, reason="master shutting down")
         for conn in list(self.connections):
             if not conn.closed and conn.transport is not None:
-                conn.transport.write(goodbye)
+                conn.write(goodbye)
                 conn.closed = True
                 conn.transport.close()
         for _ in range(100):  # let the transports flush and close
@@ -445,6 +458,10 @@ class Master:
 
     def forget_node(self, node_id: str, why: str) -> int:
         """Remove a node and its history; close its connections (upkeep.py)."""
+        node = self.registry.nodes.get(node_id)
+        name = bound_identity(node) if node is not None else ""
+        if name and self.identities.get(name) == node_id:
+            del self.identities[name]  # its certificate may bind a new node id
         return upkeep.forget_node(self, node_id, why)
 
     def _forget_stale(self) -> None:
@@ -474,6 +491,8 @@ class Master:
         if full and self.config.master is not None:
             info["forget_after"] = self.config.master.forget_after
         if full:
+            info["tls"] = self._tls_view()
+        if full:
             info["nodes"] = self.registry.counts()
             self.counters.unauthenticated_open = self.admission.pending
             info["counters"] = self.counters.as_dict()
@@ -481,6 +500,15 @@ class Master:
                 info["store"] = self.store.health()
             info["alerts"] = upkeep.alerts_dict(self)
         return info
+
+    def _tls_view(self) -> dict[str, Any]:
+        """The ``tls`` object: days left recomputed from the expiry read at start."""
+        view = dict(self.tls_status)
+        if "not_after" in view:
+            view["days_left"] = tlsmod.days_left(view["not_after"])
+        if "ca_not_after" in view:
+            view["ca_days_left"] = tlsmod.days_left(view["ca_not_after"])
+        return view
 
     def cluster_page(self, qid: int, offset: int, limit: int) -> bytes:
         """One ``reply`` frame of the cluster query, filled to half a frame at most."""
