@@ -15,6 +15,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import struct
 import time
 from pathlib import Path
@@ -498,12 +499,36 @@ def test_forget_query(master, cluster_secret, probe):
     slave.close()
 
 
+def test_identity_mismatch_over_tls(master_factory, make_config, cluster_secret, tmp_path):
+    """Section 13: a Pi's certificate speaks only for its own node name (stdlib ssl only)."""
+    from tests.tlscerts import CA, tls_section
+
+    ca = CA(tmp_path / "pki")
+    master_cert, pi = ca.master("master"), ca.issue("pi-a")
+    tls_master = master_factory(
+        config=make_config(
+            master={"socket_bind_ip": "127.0.0.1", "socket_port": 0}, tls=tls_section(master_cert)
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the master's name and CA
+    context.load_verify_locations(pi.ca_file)
+    context.load_cert_chain(pi.cert_file, pi.key_file)
+    sock = context.wrap_socket(connect(tls_master.port), server_hostname="127.0.0.1")
+    challenge = recv(sock)
+    assert challenge["type"] == "challenge"
+    sock.sendall(hello(cluster_secret, challenge, details={"node_name": "pi-b"}))
+    error = closed_with(sock, "identity_mismatch")
+    assert "pi-b" in error["message"] and "pi-a" in error["message"]
+    counters = tls_master.cluster_state()["master"]["counters"]
+    assert all(counters[name] == 1 for name in COUNTED["identity_mismatch"])
+
+
 def test_every_error_code_of_the_doc_is_covered():
     codes = set(COUNTED)
     covered = {
         "too_many_connections", "bad_frame", "frame_too_large", "bad_message", "unknown_type",
         "bad_protocol_version", "auth_failed", "bad_details", "too_many_roles",
         "handshake_timeout", "replaced", "silent", "rate_exceeded", "vitals_rate_limited",
-        "bad_vitals", "bad_action_error", "forgotten", "duplicate_id",
+        "bad_vitals", "bad_action_error", "forgotten", "duplicate_id", "identity_mismatch",
     }  # fmt: skip
     assert codes == covered
