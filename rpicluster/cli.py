@@ -375,6 +375,31 @@ def run_forget(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- wait
+
+
+def run_wait(args: argparse.Namespace) -> int:
+    """Wait until every node of ``--nodes`` is in ``--state`` (rpicluster/waiting.py)."""
+    config = _load(args.config, "any")
+    if config is None:
+        return EXIT_CONFIG
+    from rpicluster.waiting import run
+
+    return run(args, config)
+
+
+def _node_list(value: str) -> list[str]:
+    from rpicluster.waiting import node_list  # not imported by the slave's commands
+
+    return node_list(value)
+
+
+def _seconds(value: str) -> float:
+    from rpicluster.waiting import seconds
+
+    return seconds(value)
+
+
 # --------------------------------------------------------------------- check-role
 
 
@@ -423,6 +448,35 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=5.0, help="seconds to wait for the master (default 5)"
     )
     forget.set_defaults(run=run_forget)
+    wait = commands.add_parser(
+        "wait",
+        help="wait until named nodes are alive (or left, or gone)",
+        description="Poll the master until every node of --nodes (names or node ids) is in"
+        " --state. Exit status: 0 all reached it, 1 timeout (one line per missing node with"
+        " its state), 2 usage or config error.",
+    )
+    _common(wait)
+    wait.add_argument(
+        "--nodes",
+        required=True,
+        type=_node_list,
+        metavar="N1,N2",
+        help="comma-separated node names ([slave] node_name) or node ids",
+    )
+    wait.add_argument(
+        "--state",
+        default="alive",
+        choices=("alive", "left", "gone"),
+        help="alive (connected), left (said goodbye), gone (dead, left or unknown); default alive",
+    )
+    wait.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=60.0,
+        help="seconds to wait in all (default 60)",
+    )
+    wait.add_argument("--query-timeout", type=_seconds, default=5.0, help=argparse.SUPPRESS)
+    wait.set_defaults(run=run_wait)
     master = commands.add_parser("master", help="run the master (as rpicluster-master)")
     _common(master)
     master.set_defaults(run=run_master)
@@ -473,7 +527,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``rpicluster``: ``status``, ``forget``, ``master``, ``slave``, ``check-role``."""
+    """``rpicluster``: ``status``, ``forget``, ``wait``, ``master``, ``slave``, ``check-role``."""
     args = _parser().parse_args(argv)
     return _dispatch(args)
 
