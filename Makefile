@@ -15,12 +15,12 @@ RESOURCES := molecule/resources
 export PATH := $(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(abspath ansible.cfg)
 
-.PHONY: help venv lint pytest molecule test demo demo-down bench mutation wheel clean
+.PHONY: help venv lint pytest nox molecule test demo demo-down bench mutation wheel clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): requirements-dev.txt setup.cfg pyproject.toml
+$(STAMP): requirements-dev.txt requirements-test.txt setup.cfg pyproject.toml
 	@# A fresh Debian has python3 without ensurepip: venv needs python3-venv.
 	$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
 		apt-get -o DPkg::Lock::Timeout=600 update -qq && \
@@ -44,12 +44,22 @@ pytest: $(STAMP)  ## unit and integration tests (installs headless Chromium and 
 	bash $(RESOURCES)/promtool.sh
 	$(BIN)/pytest -q
 
+# The Python versions the README claims (noxfile.py) other than .venv's, which `make pytest` runs.
+OTHER_PYTHONS = $(BIN)/nox --list --json 2>/dev/null | $(BIN)/python -c 'import json, sys; \
+	mine = "%d.%d" % sys.version_info[:2]; \
+	print(" ".join(s["session"] for s in json.load(sys.stdin) if s["python"] != mine))'
+
+nox: $(STAMP)  ## unit and integration tests on every claimed Python, 3.9 to 3.13 (pyenv's)
+	bash $(RESOURCES)/browser.sh
+	bash $(RESOURCES)/promtool.sh
+	$(BIN)/nox
+
 molecule: $(STAMP)  ## Molecule scenarios in systemd containers that stand in for Pis
 	bash $(RESOURCES)/docker-engine.sh
 	bash $(RESOURCES)/build-image.sh
 	$(BIN)/molecule test --all
 
-test: $(STAMP)  ## everything CI runs: lint, pytest, molecule
+test: $(STAMP)  ## everything CI runs: lint, pytest, molecule, the tests on the other Pythons
 	@# On a fresh machine the Docker engine and the image take minutes: they are
 	@# prepared in the background while lint and pytest run. Chromium and promtool first, so
 	@# that two apt-get never race for the dpkg lock.
@@ -62,7 +72,17 @@ test: $(STAMP)  ## everything CI runs: lint, pytest, molecule
 	if ! wait $$image; then cat .cache/image.log; echo "make test: engine or image failed (above)" >&2; exit 1; fi; \
 	cat .cache/image.log; \
 	exit $$status
-	$(MAKE) --no-print-directory molecule
+	@# The tests on the other claimed Pythons (nox) run while Molecule mostly waits on its
+	@# containers; their output goes to .cache/nox.log and is shown when they fail.
+	sessions=$$($(OTHER_PYTHONS)); \
+	test -n "$$sessions" || { echo "make test: nox lists no sessions (noxfile.py)" >&2; exit 1; }; \
+	$(BIN)/nox --no-color --sessions $$sessions >.cache/nox.log 2>&1 & \
+	nox=$$!; \
+	if $(MAKE) --no-print-directory molecule; then status=0; else status=$$?; fi; \
+	if wait $$nox; then grep '^nox > [*] ' .cache/nox.log; else \
+		cat .cache/nox.log; echo "make test: the tests failed on another Python (above)" >&2; \
+		status=1; fi; \
+	exit $$status
 
 demo: $(STAMP)  ## a master and three slave containers deployed over SSH, then the status table
 	bash $(RESOURCES)/docker-engine.sh

@@ -155,9 +155,9 @@ def test_dashboard_in_chromium_shows_every_node_with_plots(browser, web_cluster,
         what="the killed node dead in the browser",
     )
     elapsed = time.monotonic() - killed
-    # dead_after + one state refresh + the page's 0.5 s poll, plus 1 s for this
-    # loaded machine (selenium's own round trips included).
-    assert elapsed <= DEAD_AFTER + REFRESH + 0.5 + 1.0, f"{elapsed:.2f} s"
+    # dead_after + one state refresh + the page's 0.5 s poll, plus 3 s for a loaded
+    # 2-core machine (selenium's own round trips included).
+    assert elapsed <= DEAD_AFTER + REFRESH + 0.5 + 3.0, f"{elapsed:.2f} s"
     browser.save_screenshot(str(ARTIFACTS / "dashboard-dead-node.png"))
 
     # The node page: large plots and details.

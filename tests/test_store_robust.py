@@ -306,7 +306,9 @@ def test_reads_fail_fast_when_the_writer_is_dead_or_busy(started, state_dir):
     assert health["ok"] is False and health["error"] == "the database writer is not running"
     began = time.monotonic()
     store.read(lambda conn: "read", answers.append)
-    assert time.monotonic() - began < 1.0
+    # At once, not never: a read handed to the dead writer would wait forever
+    # (generous for a loaded machine; how fast is not the point).
+    assert time.monotonic() - began < 5.0
     assert isinstance(answers[-1], StoreError)
     # Writes handed over to a dead writer are still saved by close().
     flaky.fail = None
@@ -433,7 +435,8 @@ def test_history_query_answers_internal_at_once_when_the_writer_is_dead(master, 
     wait_for(lambda: not master.store._thread.is_alive(), what="the writer thread ended")
     began = time.monotonic()
     reply = query(sock, 2, "history", node_id="node-1")
-    assert time.monotonic() - began < 2.0
+    # At once, not never: a query the dead writer never answered would time out (10 s).
+    assert time.monotonic() - began < 5.0
     assert reply["ok"] is False and reply["error"]["code"] == "internal"
     health = query(sock, 3, "cluster")["data"]["master"]["store"]
     assert health["ok"] is False and health["error"] == "the database writer is not running"

@@ -417,9 +417,10 @@ def test_a_dead_node_turns_dead_on_the_page_within_dead_after_plus_a_refresh(
 
     wait_for(dead_on_page, timeout=10, what="victim dead on the dashboard")
     elapsed = time.monotonic() - stopped
-    # dead_after + one refresh, plus 1 s for a loaded 2-core machine shared with
-    # other test runs (a real miss, such as waiting for the staleness timeout, is 5 s).
-    assert elapsed <= DEAD_AFTER + REFRESH + 1.0, f"{elapsed:.2f} s, states seen {seen}"
+    # dead_after + one refresh, plus 3 s for a loaded 2-core machine shared with
+    # other test runs (the master's sweep waits longer on purpose when its loop ran
+    # late); a real miss, such as waiting for the staleness timeout, is 5 s.
+    assert elapsed <= DEAD_AFTER + REFRESH + 3.0, f"{elapsed:.2f} s, states seen {seen}"
     others = row_states(cluster.base)
     assert all(others[s.node_id] == "alive" for s in cluster.slaves)
 
