@@ -95,11 +95,11 @@ def test_each_bound_refuses_the_value_just_past_it(section, key, low, high, kind
     upper = "" if high is None else f" and at most {high:g}"
     below = low - step if kind is int else round(low - step, 6)
     message = refusal(**with_key(section, key, below))
-    assert f"[{section}] {key}: {below} must be at least {low:g}{upper}" in message
+    assert message == f"edge.cfg: [{section}] {key}: {below} must be at least {low:g}{upper}"
     if high is not None:
         above = high + 1 if kind is int else high + 0.5
         message = refusal(**with_key(section, key, above))
-        assert f"[{section}] {key}: {above} must be at least {low:g}{upper}" in message
+        assert message == f"edge.cfg: [{section}] {key}: {above} must be at least {low:g}{upper}"
 
 
 def test_a_whole_number_key_names_what_it_wants():
@@ -293,3 +293,108 @@ def test_load_config_reads_the_file_and_passes_need(tmp_path):
     assert config.slave.master_ip == "10.0.0.1"
     with pytest.raises(ConfigError, match=r"\[master\]: section is missing"):
         load_config(str(path), need="master")
+
+
+def test_forget_after_is_0_or_longer_than_dead_after():
+    assert parse(master={}).master.forget_after == 7 * 24 * 3600.0
+    assert parse(master={"forget_after": 0}).master.forget_after == 0.0
+    assert parse(master={"forget_after": 5.01}).master.forget_after == 5.01
+    assert parse(master={"forget_after": 10 * 365 * 24 * 3600}).master.forget_after == 315360000.0
+    assert refusal(master={"forget_after": 5}) == (
+        "edge.cfg: [master] forget_after: 5 must be 0 (never forget) or longer than dead_after 5"
+    )
+    assert refusal(master={"forget_after": 0.5}).startswith("edge.cfg: [master] forget_after: 0.5")
+    assert refusal(master={"forget_after": -1}) == (
+        "edge.cfg: [master] forget_after: -1 must be at least 0 and at most 3.1536e+08"
+    )
+    assert "forget_after: 315360001 must be at least 0" in refusal(
+        master={"forget_after": 315360001}
+    )
+
+
+def test_every_master_key_is_read():
+    master = parse(
+        master={
+            "socket_bind_ip": "10.1.1.1",
+            "socket_port": 6000,
+            "state_dir": "/srv/master",
+            "history_window": 60,
+            "max_connections": 100,
+            "max_unauthenticated": 10,
+            "max_unauthenticated_per_address": 2,
+        }
+    ).master
+    assert (master.socket_bind_ip, master.socket_port, master.state_dir) == (
+        "10.1.1.1",
+        6000,
+        "/srv/master",
+    )
+    assert (master.history_window, master.max_connections) == (60.0, 100)
+    assert (master.max_unauthenticated, master.max_unauthenticated_per_address) == (10, 2)
+
+
+def test_an_unknown_key_in_any_known_section_is_refused():
+    for section in ("cluster", "master", "slave", "webserver"):
+        message = refusal(**{section: {"colour": "blue"}})
+        assert message.startswith(f"edge.cfg: [{section}] colour: is not a known setting")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            config_text().replace("master_ip = 10.0.0.1", ""),
+            "edge.cfg: [slave] master_ip: is required but missing",
+        ),
+        (
+            config_text().replace("[cluster]", "[other]"),
+            "edge.cfg: [cluster]: section is missing (it holds the cluster secret)",
+        ),
+        (
+            config_text(slave={"roles": " , "}),
+            "edge.cfg: [slave] roles: lists no role",
+        ),
+        (
+            config_text(slave={"roles": "turbo"}),
+            "edge.cfg: [slave] roles: unknown role 'turbo' (built-in roles: basic, vitals,"
+            " webserver; a custom role is package.module:ClassName)",
+        ),
+        (
+            f"[cluster]\nsecret = {SECRET}\n",
+            "edge.cfg: needs a [master] or a [slave] section",
+        ),
+        (
+            config_text(cluster={"suspect_after": 3, "dead_after": 2}),
+            "edge.cfg: [cluster] dead_after: 2 must be longer than suspect_after 3",
+        ),
+        (
+            config_text() + "[cluster]\nsecret = again\n",
+            "edge.cfg: not a valid INI file: While reading from 'edge.cfg' [line  5]:"
+            " section 'cluster' already exists",
+        ),
+    ],
+)
+def test_faults_are_named_exactly(text, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "edge.cfg")
+    assert str(caught.value) == message
+
+
+def test_a_config_parsed_without_a_path_is_named_string():
+    with pytest.raises(ConfigError) as caught:
+        parse_config(config_text(secret="short-secret"))
+    assert str(caught.value).startswith("<string>: [cluster] secret:")
+
+
+def test_load_config_names_the_file_in_every_fault(tmp_path):
+    missing = tmp_path / "missing.cfg"
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(missing))
+    assert str(caught.value) == f"{missing}: file not found"
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(tmp_path))
+    assert str(caught.value).startswith(f"{tmp_path}: cannot read: [Errno 21]")
+    cluster_only = tmp_path / "cluster.cfg"
+    cluster_only.write_text(f"[cluster]\nsecret = {SECRET}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="needs a \\[master\\] or a \\[slave\\] section"):
+        load_config(str(cluster_only))
