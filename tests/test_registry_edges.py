@@ -4,6 +4,7 @@ fallbacks, forgetting and loading odd rows. An injected clock, no sleeping."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -293,7 +294,7 @@ def test_rows_and_dicts_carry_every_field(registry, clock):
     assert registry.take_dirty_rows() == []
     assert registry.last_seen_rows() == [(WALL + 1001.0, "n1")]
     view = registry.node_dict(node)
-    assert view == {
+    expected = {
         "node_id": "n1",
         "hostname": "pi",
         "address": "10.0.0.2",
@@ -306,11 +307,12 @@ def test_rows_and_dicts_carry_every_field(registry, clock):
         "vitals": {"ts": 3.0, "cpu": 9},
         "action_errors": {"vitals": {"count": 1, "last": "boom"}},
     }
+    assert {key: view[key] for key in expected} == expected
     registry.disconnect(session, goodbye=True)
     assert registry.last_seen_rows() == []
     assert registry.row(node)[7] == '{"ts": 3.0, "cpu": 9}'
     fresh = registry.nodes.setdefault("n9", type(node)("n9"))
-    assert registry.row(fresh)[5] is None and registry.row(fresh)[7] is None
+    assert registry.row(fresh) == ("n9", "", "", "[]", DEAD, None, "{}", None, "{}")
 
 
 def test_wall_times_follow_the_wall_clock_at_each_sweep(clock):
@@ -324,6 +326,7 @@ def test_wall_times_follow_the_wall_clock_at_each_sweep(clock):
     registry.sweep()
     assert registry.to_wall(1000.0) == WALL + 1060.0
     assert registry.to_wall(1000.0004) == WALL + 1060.0
+    assert registry.to_wall(1000.25) == WALL + 1060.25
 
 
 def test_loading_places_last_seen_on_the_monotonic_clock(registry):
@@ -346,4 +349,97 @@ def test_loading_skips_rows_of_any_shape_and_says_how_many(registry, caplog):
     caplog.set_level("WARNING", logger="rpicluster.master")
     registry.load([{"node_id": "ok"}, {"node_id": None}, "not a row", {"node_id": "x" * 10_000}])
     assert list(registry.nodes) == ["ok"]
-    assert "3 stored nodes skipped: no valid node id" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["3 stored nodes skipped: no valid node id"]
+
+
+def test_every_change_of_a_stored_field_marks_the_node_dirty(registry, clock):
+    session, _ = registry.register("n1", "basic", "a", {}, Conn())
+    registry.dirty.clear()
+    registry.register("n1", "vitals", "a", {}, Conn())  # a new role: the row's roles change
+    assert registry.dirty == {"n1"}
+    registry.dirty.clear()
+    registry.vitals(session, {"ts": 1.0})
+    assert registry.dirty == {"n1"}
+    registry.dirty.clear()
+    clock.now += 3.0
+    registry.sweep()
+    assert registry.nodes["n1"].state == SUSPECT and registry.dirty == {"n1"}
+
+
+def test_vitals_get_the_wall_time_to_the_millisecond(registry, clock):
+    session, _ = registry.register("n1", "vitals", "a", {}, Conn())
+    clock.now = 1000.0004
+    registry.vitals(session, {"cpu": 1})
+    assert registry.take_vitals()[0][1] == WALL + 1000.0
+
+
+def test_one_sweep_handles_every_node_whatever_their_order(registry, clock):
+    """Loaded nodes in their grace period and several silent ones: all in one sweep."""
+    registry.load([{"node_id": f"loaded-{i}", "state": ALIVE} for i in range(50)])
+    for name in ("s1", "s2", "s3"):
+        registry.register(name, "basic", "a", {}, Conn())
+    clock.now += 5.5
+    closed = registry.sweep()
+    assert sorted(session.node.node_id for session in closed) == ["s1", "s2", "s3"]
+    assert all(registry.nodes[name].state == DEAD for name in ("s1", "s2", "s3"))
+    clock.now = 1003.0
+    for name in ("s1", "s2", "s3"):
+        registry.register(name, "basic", "a", {}, Conn())
+    clock.now += 3.0  # past suspect_after, and past the loaded nodes' grace
+    registry.sweep()
+    assert all(registry.nodes[name].state == SUSPECT for name in ("s1", "s2", "s3"))
+    assert all(registry.nodes[f"loaded-{i}"].state == DEAD for i in range(50))
+
+
+def test_forgetting_a_node_drops_its_pending_points_when_they_are_the_only_ones(registry):
+    session, _ = registry.register("n1", "vitals", "a", {}, Conn())
+    registry.vitals(session, {"ts": 1.0})
+    registry.forget("n1")
+    assert registry.take_vitals() == []
+
+
+def test_stale_counts_from_the_last_message_and_honours_short_limits(registry, clock):
+    clock.now = 1050.0
+    session, _ = registry.register("n1", "basic", "a", {}, Conn())
+    registry.disconnect(session, goodbye=False)
+    clock.now = 1051.0
+    assert registry.stale(1.0) == []
+    clock.now = 1051.125
+    assert registry.stale(1.0) == ["n1"]
+    clock.now = 1100.0
+    assert registry.stale(50.0) == []  # seen at 1050, not at the registry's start (1000)
+
+
+def test_the_load_skips_are_logged_at_debug_with_the_reason(registry, caplog):
+    caplog.set_level(logging.DEBUG, logger="rpicluster.master")
+    registry.load(["not a row"])
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert debug == [
+        "stored node row skipped: AttributeError(\"'str' object has no attribute 'get'\")"
+    ]
+
+
+def test_a_node_name_that_is_not_text_is_ignored(registry):
+    registry.register("n1", "basic", "a", {"hostname": "pi", "node_name": 5}, Conn())
+    assert node_label(registry.nodes["n1"]) == "pi"
+    registry.register("n2", "basic", "b", {"hostname": "pi2", "node_name": ""}, Conn())
+    assert node_label(registry.nodes["n2"]) == "pi2"
+
+
+def test_a_stored_address_must_be_short_printable_text(registry):
+    from rpicluster import memberdata as md
+
+    longest = "a" * md.MAX_STRING
+    registry.load(
+        [
+            {"node_id": "ok", "address": longest},
+            {"node_id": "long", "address": longest + "a"},
+            {"node_id": "ctrl", "address": "10.0.0.1\x00"},
+            {"node_id": "num", "address": "10.0.0.4", "details": {"hostname": 42}},
+        ]
+    )
+    assert registry.nodes["ok"].address == longest
+    assert registry.nodes["long"].address == "" and registry.nodes["long"].hostname == ""
+    assert registry.nodes["ctrl"].address == ""
+    assert registry.nodes["num"].hostname == "10.0.0.4"
