@@ -234,3 +234,29 @@ def test_metrics_port_is_validated():
     assert parse_config(base).master.metrics_port == 0  # type: ignore[union-attr]
     with pytest.raises(ConfigError, match=r"\[master\] metrics_port"):
         parse_config(base + "metrics_port = 70000\n")
+
+
+def test_a_taken_metrics_port_stops_the_master_clearly(master_factory):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"master metrics cannot listen on 127.0.0.1:{port}"):
+            master_factory(master={"metrics_port": port})
+
+
+def test_dashboard_metrics_carry_the_masters_alerts():
+    from rpicluster.web.metrics import MetricsRenderer
+
+    master = {
+        "hostname": "m",
+        "alerts": {"firing_count": 2, "webhook": {"enabled": True, "ok": False}},
+    }
+    snap = ClusterState(3600).replace(master=master, nodes=[], history={}, fetched_at=time.time())
+    text = MetricsRenderer(lambda: snap, stale_after=30).render()
+    assert b"rpicluster_master_alerts_firing 2.0" in text
+    assert b"rpicluster_master_webhook_ok 0.0" in text
+    done = subprocess.run(
+        [promtool(), "check", "metrics"], input=text, capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 0 and not (done.stdout + done.stderr).strip()

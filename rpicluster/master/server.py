@@ -175,6 +175,8 @@ class Master:
         except BaseException:
             self._thread.join(5)
             self.store.close()
+            if self.webhook is not None:
+                self.webhook.close()
             raise
         log.info(
             "master listening on %s:%d (%d known nodes loaded from %s)",

@@ -184,6 +184,24 @@ class ClusterCollector:
                 else:
                     yield GaugeMetricFamily(f"rpicluster_master_{key}", doc, value=value)
         yield from self._store(master.get("store"))
+        yield from self._alerts(master.get("alerts"))
+
+    def _alerts(self, alerts: Any) -> Iterator[Metric]:
+        """The master's firing alerts and webhook health (docs/alerts.md), when reported."""
+        if not isinstance(alerts, Mapping):
+            return
+        firing = number(alerts.get("firing_count"))
+        if firing is not None:
+            yield GaugeMetricFamily(
+                "rpicluster_master_alerts_firing", "Alerts firing at the master.", value=firing
+            )
+        hook = alerts.get("webhook")
+        if isinstance(hook, Mapping) and hook.get("enabled") is True:
+            yield GaugeMetricFamily(
+                "rpicluster_master_webhook_ok",
+                "1 while the master's alert webhook delivers, 0 when it fails.",
+                value=0 if hook.get("ok") is False else 1,
+            )
 
     def _store(self, store: Any) -> Iterator[Metric]:
         """The master's store health (contract 4), when the master reports it."""
