@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reruns < 1:
         parser.error("--reruns must be at least 1")
 
+    load_before = os.getloadavg()[0]
     run("docker-engine.sh")
     run("build-image.sh")
     run("demo.sh", "down")
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             f"unchanged re-run: median {median:.1f} s of {len(reruns)} "
             f"({', '.join(f'{s:.1f}' for s in rerun_seconds)} s), changed={rerun_changed}",
             f"ratio first / unchanged re-run: {first['seconds'] / median:.1f}x",
+            f"machine load average (1 min) before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f}"
+            " (other sessions share these 2 cores)",
         ],
     )
     return 0
