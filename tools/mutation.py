@@ -38,14 +38,21 @@ DOC = ROOT / "docs" / "testing.md"
 
 # Tests every copy needs (fixtures and helpers), then the tests about each module.
 EXTRA = ["docs", "README.md", "rpicluster.cfg.example", "bench"]
-SUPPORT = ["tests/__init__.py", "tests/conftest.py", "tests/helpers.py"]
-MASTER_TESTS = [
+SUPPORT = ["tests/__init__.py", "tests/conftest.py", "tests/helpers.py", "tests/tlscerts.py"]
+SERVER_TESTS = [
+    "tests/test_server_edges.py",
     "tests/test_master.py",
     "tests/test_adversarial_master.py",
+]
+CONNECTION_TESTS = [
+    "tests/test_connection_edges.py",
     "tests/test_bad_input.py",
     "tests/test_conformance.py",
     "tests/test_member_limits.py",
-    "tests/test_server_edges.py",
+    "tests/test_tls.py",
+    "tests/test_names.py",
+    "tests/test_adversarial_master.py",
+    "tests/test_master.py",
 ]
 # A 10-second test: a mutant run re-runs it for every mutant of a function it calls. It
 # checks the fleet as a whole; the faults it throws are each tested on their own too.
@@ -73,15 +80,16 @@ MODULES: dict[str, tuple[str, list[str]]] = {
             "tests/test_master_registry.py",
             "tests/test_registry_edges.py",
             "tests/test_member_limits.py",
+            "tests/test_names.py",
             "tests/test_master.py",
         ],
     ),
     "store": (
         "rpicluster/master/store.py",
-        ["tests/test_store_robust.py", "tests/test_store_edges.py", "tests/test_master.py"],
+        ["tests/test_store_robust.py", "tests/test_store_edges.py"],
     ),
-    "server": ("rpicluster/master/server.py", MASTER_TESTS),
-    "connection": ("rpicluster/master/connection.py", MASTER_TESTS),
+    "server": ("rpicluster/master/server.py", SERVER_TESTS),
+    "connection": ("rpicluster/master/connection.py", CONNECTION_TESTS),
 }
 
 MUTANT_NAME = re.compile(r"`(rpicluster\.[\w.]+__mutmut_\d+)`")
@@ -160,7 +168,7 @@ def prepare(module: str) -> Path:
             [
                 "[tool.pytest.ini_options]",
                 'testpaths = ["tests"]',
-                "timeout = 60",
+                "timeout = 20",
                 "",
                 "[tool.mutmut]",
                 'source_paths = ["rpicluster/"]',
