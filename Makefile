@@ -15,10 +15,10 @@ RESOURCES := molecule/resources
 export PATH := $(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(abspath ansible.cfg)
 
-.PHONY: help venv lint pytest nox molecule test demo demo-down bench mutation wheel clean
+.PHONY: help venv lint pytest nox images molecule test test-arm64 test-armhf demo demo-down bench mutation wheel clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): requirements-dev.txt requirements-test.txt setup.cfg pyproject.toml
 	@# A fresh Debian has python3 without ensurepip: venv needs python3-venv.
@@ -54,10 +54,29 @@ nox: $(STAMP)  ## unit and integration tests on every claimed Python, 3.9 to 3.1
 	bash $(RESOURCES)/promtool.sh
 	$(BIN)/nox
 
-molecule: $(STAMP)  ## Molecule scenarios in systemd containers that stand in for Pis
+images:  ## the local "Pi" images for Molecule and the demo (Debian bookworm and trixie, amd64)
 	bash $(RESOURCES)/docker-engine.sh
-	bash $(RESOURCES)/build-image.sh
+	bash $(RESOURCES)/build-image.sh bookworm amd64
+	bash $(RESOURCES)/build-image.sh trixie amd64
+
+# Every scenario on bookworm (Raspberry Pi OS's previous base, Python 3.11), then
+# the fleet of `default` again on trixie (today's, Python 3.13).
+molecule: $(STAMP) images  ## Molecule scenarios in systemd containers that stand in for Pis
 	$(BIN)/molecule test --all
+	RPICLUSTER_IMAGE_TAG=trixie $(BIN)/molecule test -s default
+
+# The fleet of `default` on 64-bit and 32-bit ARM images under qemu-user-static
+# (binfmt_misc): real ARM code paths, several times slower, so not part of
+# `make test` (run times in bench/results.md).
+test-arm64: $(STAMP)  ## the default scenario on emulated arm64 (bookworm), as on a 64-bit Pi OS
+	bash $(RESOURCES)/docker-engine.sh
+	bash $(RESOURCES)/build-image.sh bookworm arm64
+	RPICLUSTER_IMAGE_TAG=bookworm-arm64 RPICLUSTER_MOLECULE_PATIENCE=6 $(BIN)/molecule test -s default
+
+test-armhf: $(STAMP)  ## the default scenario on emulated armhf (bookworm), as on a 32-bit Pi OS
+	bash $(RESOURCES)/docker-engine.sh
+	bash $(RESOURCES)/build-image.sh bookworm armhf
+	RPICLUSTER_IMAGE_TAG=bookworm-armhf RPICLUSTER_MOLECULE_PATIENCE=6 $(BIN)/molecule test -s default
 
 test: $(STAMP)  ## everything CI runs: lint, pytest, molecule, the tests on the other Pythons
 	@# On a fresh machine the Docker engine and the image take minutes: they are
@@ -66,7 +85,8 @@ test: $(STAMP)  ## everything CI runs: lint, pytest, molecule, the tests on the 
 	bash $(RESOURCES)/browser.sh
 	bash $(RESOURCES)/promtool.sh
 	@mkdir -p .cache
-	{ bash $(RESOURCES)/docker-engine.sh && bash $(RESOURCES)/build-image.sh; } >.cache/image.log 2>&1 & \
+	{ bash $(RESOURCES)/docker-engine.sh && bash $(RESOURCES)/build-image.sh bookworm amd64 \
+		&& bash $(RESOURCES)/build-image.sh trixie amd64; } >.cache/image.log 2>&1 & \
 	image=$$!; \
 	if $(MAKE) --no-print-directory lint pytest; then status=0; else status=$$?; fi; \
 	if ! wait $$image; then cat .cache/image.log; echo "make test: engine or image failed (above)" >&2; exit 1; fi; \
@@ -86,7 +106,7 @@ test: $(STAMP)  ## everything CI runs: lint, pytest, molecule, the tests on the 
 
 demo: $(STAMP)  ## a master and three slave containers deployed over SSH, then the status table
 	bash $(RESOURCES)/docker-engine.sh
-	bash $(RESOURCES)/build-image.sh
+	bash $(RESOURCES)/build-image.sh bookworm amd64
 	bash $(RESOURCES)/demo.sh up
 
 demo-down:  ## remove the demo containers, network and inventory
