@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         for container in CONTAINERS:
             system, processes = probe(container)
             rss = ", ".join(
-                f"{line.split(None, 1)[1].split()[0].rsplit('/', 1)[-1]} "
+                f"{'rpicluster-master' if 'rpicluster-master' in line else 'rpicluster-slave'} "
                 f"{int(line.split()[0]) / 1024:.1f} MB"
                 for line in processes
             )
