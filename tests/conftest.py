@@ -10,6 +10,7 @@ same port and state directory).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -19,6 +20,24 @@ from rpicluster.config import Config, parse_config
 from rpicluster.master import Master
 
 TEST_SECRET = "test-secret-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def _cli_log_handlers_removed():
+    """Remove the stderr handler a test's in-process ``cli.main()`` installs on the root logger.
+
+    The handler holds pytest's capture file of that test; a slave thread of the test
+    logging a moment later would write to the closed file ("--- Logging error ---").
+    pytest's own handlers are subclasses of StreamHandler and are left alone.
+    """
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for handler in root.handlers[:]:
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
 
 # Short intervals so state changes happen in tenths of a second.
 TEST_CLUSTER = {
