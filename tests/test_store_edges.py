@@ -476,10 +476,10 @@ def test_history_reads_stop_at_exactly_their_limit(state_dir):
     conn.close()
 
 
-def test_history_without_since_includes_a_point_at_time_zero(state_dir):
-    conn = fill(state_dir, [point("n", 0.0), point("n", -0.5)])
+def test_history_without_since_includes_every_point(state_dir):
+    conn = fill(state_dir, [point("n", 0.0), point("n", -0.5), point("n", -1.5)])
     text, _ = read_history(conn, "n", None, 10, 10**6)
-    assert len(json.loads(text)) == 2
+    assert len(json.loads(text)) == 3
     conn.close()
 
 
@@ -559,3 +559,181 @@ def test_the_store_survives_a_writer_bug_and_retries(store, state_dir, monkeypat
     wait_for(lambda: db_rows(state_dir, "SELECT node_id FROM nodes") == [("a",)])
     assert any("unexpected failure writing a batch" in r.getMessage() for r in caplog.records)
     assert store.health()["ok"] is True
+
+
+# ----------------------------------------------- what the first mutation run found
+
+
+def test_forgetting_the_only_node_with_queued_points_drops_them():
+    batch = _Batch()
+    batch.add_points([point("a", 1), point("a", 2)])
+    batch.forget("a")
+    assert list(batch.points) == [] and batch.point_bytes == 0
+
+
+def test_take_oldest_stops_at_exactly_the_transaction_bytes(monkeypatch):
+    monkeypatch.setattr(s, "TXN_BYTES", 20)
+    batch = _Batch()
+    batch.add_points([point("n", t) for t in range(5)])
+    assert [pt[1] for pt in batch.take_oldest().points] == [0, 1]
+
+
+def test_a_corrupt_row_is_skipped_with_its_node_id_logged(state_dir, caplog):
+    Store(str(state_dir), 3600.0).close()
+    with sqlite3.connect(state_dir / "rpicluster.db") as db:
+        db.execute(
+            "INSERT INTO nodes VALUES ('bad', 'h', 'a', 'not json', 'dead', 1, '{}', NULL, '{}')"
+        )
+    store = Store(str(state_dir), 3600.0)
+    assert store.load_nodes() == []
+    assert [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()] == [
+        f"{store.path}: skipping node 'bad' with a corrupt row"
+    ]
+    store.close()
+
+
+def test_a_full_queue_says_why_it_drops(state_dir, monkeypatch, caplog):
+    caplog.set_level(logging.ERROR)
+    monkeypatch.setattr(s, "QUEUE_POINTS", 2)
+    store = Store(str(state_dir), FOREVER)  # not started: the queue only fills
+    store.add_vitals([point("n", t) for t in range(3)])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{store.path}: 1 vitals points dropped (1 in all): the write queue is full"
+    ]
+    store.close()
+
+
+def test_forget_is_logged_with_the_node(store, caplog):
+    caplog.set_level(logging.INFO, logger=s.log.name)
+    store.forget("pi-7")
+    assert f"{store.path}: node pi-7 and its history queued for deletion" in [
+        r.getMessage() for r in caplog.records
+    ]
+
+
+def test_a_read_on_a_store_never_started_is_refused_at_once(state_dir):
+    store = Store(str(state_dir), 3600.0)
+    answers: list[Any] = []
+    store.read(lambda conn: 1, answers.append)
+    assert [str(a) for a in answers] == [f"{store.path}: the database writer is not running"]
+    assert isinstance(answers[0], StoreError)
+    store.close()
+
+
+def test_health_gives_the_lag_to_the_millisecond(store, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(s.time, "monotonic", lambda: clock[0])
+    store._pending.since = 998.76544
+    assert store.health()["lag_seconds"] == 1.235
+    store._pending.since = None
+
+
+class FailingTransactions:
+    """Stands in for Store._transaction: fails ``failures`` times, then writes."""
+
+    def __init__(self, store: Store, failures: int) -> None:
+        self.real = store._transaction
+        self.failures = failures
+        self.calls: list[bool] = []
+
+    def __call__(self, batch: _Batch, prune: bool) -> None:
+        self.calls.append(prune)
+        if len(self.calls) <= self.failures:
+            raise sqlite3.OperationalError("disk I/O error")
+        self.real(batch, prune)
+
+
+def test_a_failed_write_is_not_retried_in_place_and_loses_nothing(state_dir, monkeypatch):
+    store = Store(str(state_dir), FOREVER)
+    failing = FailingTransactions(store, failures=2)
+    monkeypatch.setattr(store, "_transaction", failing)
+    batch = _Batch()
+    batch.add_points([point("n", 1.0)])
+    assert store._save(batch) is False
+    assert store._save(batch) is False
+    assert failing.calls == [False, False]  # one try each: the writer's backoff retries
+    assert store.write_errors == 2 and store.dropped_total == 0
+    assert store.health()["error"] == "the database writer is not running"
+    assert store._error == "disk I/O error"
+    assert store._save(batch) is True and store._error is None
+    store.close()
+
+
+def test_the_final_write_retries_for_three_seconds_doubling_then_counts_the_loss(
+    state_dir, monkeypatch, caplog
+):
+    caplog.set_level(logging.ERROR)
+    clock = [500.0]
+    monkeypatch.setattr(s.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(s.time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+    store = Store(str(state_dir), FOREVER)
+    failing = FailingTransactions(store, failures=100)
+    monkeypatch.setattr(store, "_transaction", failing)
+    batch = _Batch()
+    batch.nodes["a"] = node_row("a")
+    batch.add_points([point("n", 1.0), point("n", 2.0)])
+    assert store._save(batch, final=True) is False
+    # tries at 0, 0.1, 0.3, 0.7 and 1.5 s; the next (after 1.6 s more) would pass 3 s
+    assert len(failing.calls) == 5 and all(failing.calls)
+    assert clock[0] == pytest.approx(501.5)
+    assert store.dropped_total == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"{store.path}: 1 node rows not saved at shutdown" in messages
+    assert any(
+        "2 vitals points dropped (2 in all): the database failed at shutdown" in m for m in messages
+    )
+    monkeypatch.undo()
+    store.close()
+
+
+def test_the_final_write_prunes_even_within_the_minute(state_dir, monkeypatch):
+    now = [10_000.0]
+    monkeypatch.setattr(s.time, "time", lambda: now[0])
+    store = Store(str(state_dir), 100.0)
+    store.start()
+    store.add_vitals([point("a", 9_910.0)])
+    assert written(store)
+    now[0] += 30.0  # the point is now older than the window; the last prune was 30 s ago
+    store.close()
+    assert db_rows(state_dir, "SELECT ts FROM vitals") == []
+
+
+def rows_logged(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "rows repaired" in r.getMessage()]
+
+
+def test_row_by_row_names_what_it_repaired_and_refused(store, state_dir, caplog):
+    caplog.set_level(logging.WARNING)
+    store.save_nodes(
+        [
+            node_row("surrogate")[:1] + ("pi\ud800",) + node_row("x")[2:],
+            node_row("both")[:1]
+            + ("pi\udc00",)
+            + node_row("x")[2:5]
+            + (2**70,)
+            + node_row("x")[6:],
+            node_row("huge", last_seen=2**70),
+            node_row("fine"),
+        ]
+    )
+    assert written(store)
+    assert rows_logged(caplog) == [
+        f"{store.path}: 1 rows repaired (invalid UTF-8 replaced), 2 refused"
+        " (first: OverflowError: Python int too large to convert to SQLite INTEGER)"
+    ]
+    assert sorted(r[0] for r in db_rows(state_dir, "SELECT node_id FROM nodes")) == [
+        "fine",
+        "surrogate",
+    ]
+    health = store.health()
+    assert health["rejected_total"] == 2
+    assert store.repaired_total == 1
+
+
+def test_row_by_row_logs_repairs_alone_too(store, caplog):
+    caplog.set_level(logging.WARNING)
+    store.save_nodes([node_row("s")[:1] + ("pi\ud800",) + node_row("x")[2:]])
+    assert written(store)
+    assert rows_logged(caplog) == [
+        f"{store.path}: 1 rows repaired (invalid UTF-8 replaced), 0 refused"
+    ]

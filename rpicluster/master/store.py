@@ -35,6 +35,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -681,7 +682,8 @@ def read_history(
     """
     cursor = conn.execute(
         "SELECT data FROM vitals WHERE node_id = ? AND ts > ? ORDER BY ts LIMIT ?",
-        (node_id, -1.0 if since is None else since, limit + 1),
+        # without ``since``, every point: even a ts at or before 0 (a slave without a clock)
+        (node_id, -math.inf if since is None else since, limit + 1),
     )
     parts: list[str] = []
     size = 2
