@@ -281,3 +281,14 @@ def test_duplicate_id_flag_clears_after_the_copy_stops(monkeypatch):
     assert "duplicate_id_address" not in registry.node_dict(node)
     # The holder went silent (the Pi rebooted): the id is free for the next process.
     assert registry.holder("x", "token-b") is None
+
+
+def test_a_slave_built_from_its_config_sends_its_node_name_and_groups(tmp_path):
+    text = slave_cfg(f"state_dir = {tmp_path}", "node_name = pi-rack1-03", "groups = slaves,rack1")
+    thread = RpiBasicSlaveThread.from_config(parse_config(text, need="slave"))
+    details = thread.details()
+    assert details["node_name"] == "pi-rack1-03"
+    assert details["groups"] == ["slaves", "rack1"]
+    assert details["hostname"] == HOSTNAME  # the OS hostname stays one of the details
+    bare = RpiBasicSlaveThread.from_config(parse_config(slave_cfg(f"state_dir = {tmp_path}")))
+    assert "node_name" not in bare.details() and bare.details()["groups"] == []
