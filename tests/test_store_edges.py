@@ -631,31 +631,48 @@ def test_health_gives_the_lag_to_the_millisecond(store, monkeypatch):
 class FailingTransactions:
     """Stands in for Store._transaction: fails ``failures`` times, then writes."""
 
-    def __init__(self, store: Store, failures: int) -> None:
+    def __init__(self, store: Store, failures: int, message: str = "disk I/O error") -> None:
         self.real = store._transaction
         self.failures = failures
+        self.message = message
         self.calls: list[bool] = []
 
     def __call__(self, batch: _Batch, prune: bool) -> None:
         self.calls.append(prune)
         if len(self.calls) <= self.failures:
-            raise sqlite3.OperationalError("disk I/O error")
+            raise sqlite3.OperationalError(self.message)
         self.real(batch, prune)
 
 
-def test_a_failed_write_is_not_retried_in_place_and_loses_nothing(state_dir, monkeypatch):
+def test_a_failed_write_is_not_retried_in_place_and_loses_nothing(state_dir, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING)
     store = Store(str(state_dir), FOREVER)
+    assert store._save(_Batch()) is True
+    assert caplog.records == []  # no failure before: nothing "succeeds again"
     failing = FailingTransactions(store, failures=2)
     monkeypatch.setattr(store, "_transaction", failing)
     batch = _Batch()
-    batch.add_points([point("n", 1.0)])
+    batch.nodes["a"] = node_row("a")
+    batch.add_points([point("n", 1.0), point("n", 2.0)])
     assert store._save(batch) is False
     assert store._save(batch) is False
     assert failing.calls == [False, False]  # one try each: the writer's backoff retries
     assert store.write_errors == 2 and store.dropped_total == 0
-    assert store.health()["error"] == "the database writer is not running"
     assert store._error == "disk I/O error"
+    # the same failure again is not logged again
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{store.path}: write failed, 1 rows and 2 points kept for a retry: disk I/O error"
+    ]
     assert store._save(batch) is True and store._error is None
+    assert [r.getMessage() for r in caplog.records][1:] == [f"{store.path}: writes succeed again"]
+    store.close()
+
+
+def test_a_long_database_error_is_kept_to_200_characters(state_dir, monkeypatch):
+    store = Store(str(state_dir), FOREVER)
+    monkeypatch.setattr(store, "_transaction", FailingTransactions(store, 1, "e" * 300))
+    assert store._save(_Batch()) is False
+    assert store._error == "e" * 200
     store.close()
 
 
