@@ -210,7 +210,8 @@ class VanishedSocket:
 # asyncio's transport, half set up on the vanished socket, warns from its __del__.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("through_a_task", [False, True])
-def test_a_socket_that_cannot_be_served_frees_its_slot(master_factory, through_a_task):
+def test_a_socket_that_cannot_be_served_frees_its_slot(master_factory, through_a_task, caplog):
+    caplog.set_level(logging.DEBUG, logger="rpicluster.master")
     master = master_factory(cluster=QUIET)
     sock = VanishedSocket()
     conn = Connection(master, "10.9.9.9", "10.9.9.9:1")
@@ -223,6 +224,11 @@ def test_a_socket_that_cannot_be_served_frees_its_slot(master_factory, through_a
     assert sock.closed
     assert master.admission.pending == 0 and master.admission.open == 0
     assert "10.9.9.9" not in master.admission.by_address
+    assert any(
+        line.startswith("connection from 10.9.9.9:1 could not be set up: ")
+        and ("ValueError(" in line or "OSError(" in line)
+        for line in messages(caplog, "could not be set up")
+    )
 
 
 def test_a_refused_connection_is_told_why_and_counted(master_factory, caplog):
@@ -283,7 +289,7 @@ def test_event_loop_errors_log_twenty_per_window_then_a_count(master_factory, ca
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals")
 def test_run_forever_stops_cleanly_on_sigterm_and_restores_the_handlers(
-    make_config, tmp_path, cluster_secret
+    make_config, tmp_path, cluster_secret, caplog, monkeypatch
 ):
     import dataclasses
 
@@ -293,17 +299,31 @@ def test_run_forever_stops_cleanly_on_sigterm_and_restores_the_handlers(
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     joined = {}
 
+    waits = []
+
+    class CountingEvent(threading.Event):
+        """run_forever's stop event: its check of the loop runs every 10 ms, counted."""
+
+        def wait(self, timeout=None):
+            waits.append(timeout)
+            return super().wait(None if timeout is None else timeout / 100)
+
+    monkeypatch.setattr(server_module.threading, "Event", CountingEvent)
+
     def operator() -> None:
         wait_for(lambda: master._thread is not None and master.store is not None)
         wait_for(lambda: master._listener is not None)
+        wait_for(lambda: len(waits) >= 3, what="run_forever checked a live loop 3 times")
         sock, _ = join(master, cluster_secret)
         joined["goodbye"] = sock
         os.kill(os.getpid(), signal.SIGTERM)
 
     thread = threading.Thread(target=operator)
     thread.start()
+    caplog.set_level(logging.INFO, logger="rpicluster.master")
     master.run_forever()
     thread.join(10)
+    assert "received SIGTERM, stopping" in messages(caplog, "received")
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert master._thread is None and master.store._closed
     sock = joined["goodbye"]
@@ -326,9 +346,10 @@ def test_run_forever_fails_when_the_event_loop_dies(make_config, tmp_path):
 
     thread = threading.Thread(target=kill_loop)
     thread.start()
-    with pytest.raises(RuntimeError, match="master event loop ended unexpectedly"):
+    with pytest.raises(RuntimeError) as info:
         master.run_forever()
     thread.join(10)
+    assert str(info.value) == "master event loop ended unexpectedly"
     assert master.store._closed
 
 
@@ -375,7 +396,7 @@ def test_the_welcome_carries_the_cluster_timing_and_nothing_private(master_facto
         "dead_after": 4.0,
         "max_frame_size": 1024 * 1024,
     }
-    assert before - 60 < info["started_at"] <= before
+    assert before - 60 < info["started_at"] <= before + 0.001  # rounded to the ms
     full = master.cluster_state()["master"]
     assert set(full) >= set(info) | {"forget_after", "nodes", "counters", "store"}
     assert {key: full[key] for key in info} == info
@@ -584,3 +605,129 @@ def test_nodes_gone_longer_than_forget_after_are_forgotten(master_factory, clust
     master.stop()
     with sqlite3.connect(state_dir / "rpicluster.db") as db:
         assert [row[0] for row in db.execute("SELECT node_id FROM nodes")] == ["kept"]
+
+
+# ------------------------------------------------ what the first mutation run found
+
+
+def test_last_seen_times_are_flushed_to_the_database(master_factory, cluster_secret):
+    master = master_factory(cluster=QUIET)
+    sock, _ = join(master, cluster_secret)
+    on_loop(master, master._flush)
+    before = master.registry.nodes["n1"].seen
+    p.send_frame(sock, p.make(p.HEARTBEAT, seq=1, sent_at=1.0))
+    p.recv_message(sock)
+    assert master.registry.nodes["n1"].seen > before
+    on_loop(master, master._flush_last_seen)
+    expected = master.registry.to_wall(master.registry.nodes["n1"].seen)
+    done = threading.Event()
+    box = {}
+
+    def read(conn):
+        return conn.execute("SELECT last_seen FROM nodes WHERE node_id = 'n1'").fetchone()[0]
+
+    master.store.read(read, lambda value: (box.setdefault("v", value), done.set()))
+    assert done.wait(10)
+    assert box["v"] == expected
+    sock.close()
+
+
+def test_forget_releases_the_certificate_name_bound_to_the_node(master_factory, cluster_secret):
+    master = master_factory(cluster=QUIET)
+    mine, _ = join(master, cluster_secret, "mine")
+    other, _ = join(master, cluster_secret, "other")
+
+    def bind_and_forget():
+        master.registry.nodes["mine"].details["tls"] = {"name": "pi-cert"}
+        master.registry.nodes["other"].details["tls"] = {"name": "other-cert"}
+        master.identities.update({"pi-cert": "mine", "other-cert": "someone-else"})
+        closed = master.forget_node("mine", "test")
+        closed_other = master.forget_node("other", "test")
+        return closed, closed_other, dict(master.identities)
+
+    closed, closed_other, identities = on_loop(master, bind_and_forget)
+    assert (closed, closed_other) == (1, 1)
+    # the name bound to "mine" is free again; "other-cert" speaks for another id: kept
+    assert identities == {"other-cert": "someone-else"}
+    assert master.cluster_state()["nodes"] == []
+    mine.close()
+    other.close()
+
+
+class FixedHead:
+    """The master dict as a constant, so a test can size a page to the byte."""
+
+    def __init__(self, master) -> None:
+        self.info = master.master_dict()
+
+    def __call__(self, full: bool = True):
+        return self.info
+
+
+def page(master, limit=1 << 30, offset=0):
+    frame = on_loop(master, lambda: master.cluster_page(1, offset, limit))
+    import json
+
+    return json.loads(frame[4:])["data"]
+
+
+class NoConn:
+    def close(self, code=None, message="") -> None:
+        pass
+
+
+def add_node(master, node_id: str, pad: int) -> int:
+    """Register a node with ``pad`` bytes of details; return its JSON length in a page."""
+    import json
+
+    def add():
+        master.registry.register(
+            node_id, "basic", "10.0.0.1", {"hostname": f"h-{node_id}", "p": "x" * pad}, NoConn()
+        )
+        return len(json.dumps(master.registry.node_dict(master.registry.nodes[node_id])))
+
+    return on_loop(master, add)
+
+
+def set_pad(master, node_id: str, pad: int) -> int:
+    """Change a node's padding in place (its times stay); return its JSON length."""
+    import json
+
+    def change():
+        node = master.registry.nodes[node_id]
+        node.details["p"] = "x" * pad
+        return len(json.dumps(master.registry.node_dict(node)))
+
+    return on_loop(master, change)
+
+
+def test_a_cluster_page_is_filled_to_exactly_half_a_frame(master_factory):
+    import json
+
+    master = master_factory(cluster={**QUIET, "max_frame_size": 16384})
+    master.master_dict = FixedHead(master)
+    budget = 16384 // 2
+    head = len(json.dumps(master.master_dict()))
+    first = add_node(master, "a", 10)
+    second_base = add_node(master, "b", 0)
+    # the page's size estimate: the head + 200 bytes of envelope + each node and a comma
+    room = budget - (head + 200) - (first + 1) - 1
+    assert room > second_base
+    assert set_pad(master, "b", room - second_base) == room
+    full = page(master)
+    assert [n["node_id"] for n in full["nodes"]] == ["a", "b"]
+    assert full["next_offset"] is None
+    set_pad(master, "b", room - second_base + 1)  # one byte too many for this page
+    split = page(master)
+    assert [n["node_id"] for n in split["nodes"]] == ["a"] and split["next_offset"] == 1
+    assert [n["node_id"] for n in page(master, offset=1)["nodes"]] == ["b"]
+
+
+def test_a_node_too_big_for_the_page_is_sent_trimmed(master_factory):
+    master = master_factory(cluster={**QUIET, "max_frame_size": 16384})
+    add_node(master, "big", 9000)
+    add_node(master, "small", 0)
+    first = page(master)
+    assert [n["node_id"] for n in first["nodes"]] == ["big", "small"]
+    assert first["nodes"][0]["truncated"] is True and first["nodes"][0]["details"] == {}
+    assert "truncated" not in first["nodes"][1]

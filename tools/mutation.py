@@ -43,6 +43,7 @@ SERVER_TESTS = [
     "tests/test_server_edges.py",
     "tests/test_master.py",
     "tests/test_adversarial_master.py",
+    "tests/test_tls.py",
 ]
 CONNECTION_TESTS = [
     "tests/test_connection_edges.py",
