@@ -390,11 +390,10 @@ def test_a_read_whose_hand_over_fails_is_logged_and_harms_nothing(store, caplog)
 
     store.read(lambda conn: 1, broken)
     assert written(store)
-    assert any(
-        "a read result could not be handed over: RuntimeError('Event loop is closed')"
-        in r.getMessage()
-        for r in caplog.records
-    )
+    assert (
+        f"{store.path}: a read result could not be handed over:"
+        " RuntimeError('Event loop is closed')"
+    ) in [r.getMessage() for r in caplog.records]
     assert store.health()["ok"] is True
 
 
@@ -754,3 +753,144 @@ def test_row_by_row_logs_repairs_alone_too(store, caplog):
     assert rows_logged(caplog) == [
         f"{store.path}: 1 rows repaired (invalid UTF-8 replaced), 0 refused"
     ]
+
+
+def test_the_writer_is_a_named_daemon_thread(store):
+    """Named for ps/py-spy; a daemon, so a master that dies without close() still exits."""
+    writers = [t for t in threading.enumerate() if t.name == "rpicluster-store"]
+    assert writers == [store._thread] and writers[0].daemon is True
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_writer_killed_says_so_and_fails_the_reads_waiting(state_dir, monkeypatch, caplog):
+    store = Store(str(state_dir), FOREVER)
+
+    def killed() -> None:
+        with store._cond:
+            store._cond.wait_for(lambda: len(store._pending.reads) == 2)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(store, "_work", killed)
+    store.start()
+    answers: list[Any] = []
+
+    def first(result: Any) -> None:
+        answers.append(result)
+        raise RuntimeError("Event loop is closed")  # a failing hand-over stops nobody
+
+    store.read(lambda conn: 1, first)
+    store.read(lambda conn: 2, answers.append)
+    store._thread.join(10)
+    assert [str(a) for a in answers] == [f"{store.path}: the database writer stopped"] * 2
+    assert f"{store.path}: database writer stopped: SystemExit('killed')" in [
+        r.getMessage() for r in caplog.records
+    ]
+    late: list[Any] = []
+    store.read(lambda conn: 3, late.append)
+    assert str(late[0]) == f"{store.path}: the database writer is not running"
+    store.close()
+
+
+def test_reads_and_stop_are_not_held_up_by_a_write_backoff(state_dir, monkeypatch):
+    monkeypatch.setattr(s, "RETRY_MIN", 60.0)  # a failed write waits a minute to retry
+    store = Store(str(state_dir), FOREVER)
+    failing = FailingTransactions(store, failures=1)
+    monkeypatch.setattr(store, "_transaction", failing)
+    store.start()
+    store.save_nodes([node_row("a")])
+    wait_for(lambda: len(failing.calls) == 1, what="the first write failed")
+    assert written(store)  # answered during the backoff, long before the retry
+    assert len(failing.calls) == 1
+    store.close()  # stops at once too, and saves the row
+    assert db_rows(state_dir, "SELECT node_id FROM nodes") == [("a",)]
+
+
+class CommitFails:
+    """The writer's connection, whose next COMMIT (or INSERT) fails once."""
+
+    def __init__(self, conn: sqlite3.Connection, on: str) -> None:
+        self.conn = conn
+        self.on = on
+        self.failed = False
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if not self.failed and sql.startswith(self.on):
+            self.failed = True
+            if self.on == "COMMIT":
+                self.conn.execute("ROLLBACK")  # as SQLite does on a failed commit
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.conn.execute(sql, *args)
+
+    def executemany(self, sql: str, rows: Any) -> Any:
+        if not self.failed and sql.startswith(self.on):
+            self.failed = True
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.conn.executemany(sql, rows)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.mark.parametrize("on", ["COMMIT", "INSERT OR REPLACE"])
+def test_a_write_failing_inside_its_transaction_is_rolled_back_and_retried(
+    state_dir, monkeypatch, on
+):
+    monkeypatch.setattr(s, "RETRY_MIN", 0.01)
+    store = Store(str(state_dir), FOREVER)
+    store._conn = CommitFails(store._conn, on)
+    store.start()
+    store.save_nodes([node_row("a")])
+    wait_for(lambda: store._conn.failed, what="the write failed once")
+    wait_for(lambda: store.health()["ok"], what="the retry succeeded")
+    assert store.write_errors == 1
+    store.close()
+    assert db_rows(state_dir, "SELECT node_id FROM nodes") == [("a",)]
+
+
+def test_a_forgotten_node_starts_its_trim_count_over(state_dir, monkeypatch, caplog):
+    monkeypatch.setattr(s, "POINTS_PER_NODE", 600)
+    monkeypatch.setattr(s.time, "time", lambda: 0.0)  # no point is older than the window
+    store = Store(str(state_dir), 1.0)  # cap 600: trimmed to 88 when checked
+    store.start()
+    count = "SELECT COUNT(*) FROM vitals WHERE node_id = 'n'"
+    store.add_vitals([point("n", t) for t in range(1, 101)])
+    assert written(store) and db_rows(state_dir, count) == [(88,)]
+    store.forget("never-seen")  # a node without points: nothing to reset, no failure
+    store.forget("n")
+    assert written(store)
+    store.add_vitals([point("n", t) for t in range(1, 101)])
+    assert written(store)
+    assert db_rows(state_dir, count) == [(88,)]  # checked at its first points again
+    assert store.health()["ok"] is True
+    assert not [r for r in caplog.records if "unexpected failure" in r.getMessage()]
+    store.close()
+
+
+def test_the_trim_count_adds_up_over_batches(state_dir, monkeypatch):
+    monkeypatch.setattr(s, "POINTS_PER_NODE", 600)
+    monkeypatch.setattr(s.time, "time", lambda: 0.0)
+    store = Store(str(state_dir), 1.0)
+    store.start()
+    count = "SELECT COUNT(*) FROM vitals WHERE node_id = 'n'"
+    store.add_vitals([point("n", t) for t in range(1, 101)])
+    assert written(store) and db_rows(state_dir, count) == [(88,)]
+    stored = 88
+    for batch in range(3):  # 200, 400, then 600 points since the check: trimmed at the third
+        store.add_vitals([point("n", 1000 + batch * 200 + t) for t in range(200)])
+        assert written(store)
+        stored += 200
+        if batch < 2:
+            assert db_rows(state_dir, count) == [(stored,)]
+    assert db_rows(state_dir, count) == [(88,)]
+    store.close()
+
+
+def test_repair_and_refusal_totals_add_up_over_batches(store):
+    store.save_nodes([node_row("s")[:1] + ("pi\ud800",) + node_row("x")[2:]])
+    assert written(store)
+    store.save_nodes([node_row("huge", last_seen=2**70)])
+    assert written(store)
+    store.save_nodes([node_row("fine")])
+    assert written(store)
+    assert (store.repaired_total, store.rejected_total) == (1, 1)
+    assert store.health()["rejected_total"] == 1
