@@ -17,7 +17,7 @@ docs/testing.md, section "Mutation testing": every backquoted ``rpicluster.…__
 name there is read as equivalent. Timeouts count as killed (the mutant hung a test that
 the original passes); "no tests" and "survived" count as not killed.
 
-Usage: python tools/mutation.py [--jobs N] [MODULE ...]   (default: every module below)
+Usage: python tools/mutation.py [--jobs N] [--again] [MODULE ...]   (default: every module)
 Exit status: 0 when each module reached --target (default 90) per cent, 1 otherwise.
 """
 
@@ -93,6 +93,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "connection": ("rpicluster/master/connection.py", CONNECTION_TESTS),
 }
 
+KILLED = ("killed", "timeout", "caught by type check")
 MUTANT_NAME = re.compile(r"`(rpicluster\.[\w.]+__mutmut_\d+)`")
 RESULT_LINE = re.compile(r"^\s+(\S+__mutmut_\d+): (.+)$")
 
@@ -110,7 +111,7 @@ class Score:
 
     @property
     def killed(self) -> int:
-        return self.count("killed", "timeout", "caught by type check")
+        return self.count(*KILLED)
 
     @property
     def relevant(self) -> int:
@@ -126,8 +127,7 @@ class Score:
         return sorted(
             name
             for name, status in self.statuses.items()
-            if status not in ("killed", "timeout", "caught by type check")
-            and name not in self.equivalent
+            if status not in KILLED and name not in self.equivalent
         )
 
 
@@ -189,14 +189,56 @@ def prepare(module: str) -> Path:
     return work
 
 
-def run_module(module: str, jobs: int, equivalent: set[str]) -> Score:
+def refresh_tests(module: str) -> list[str]:
+    """For --again: copy today's tests into the last run's copy; the mutants to re-test.
+
+    Only when the module itself is unchanged since that run (else mutant names and
+    results no longer match the code): then the mutants not killed last time are run
+    again against the new tests, and the killed ones keep their result.
+    """
+    source, tests = MODULES[module]
+    work = WORK / module
+    if not (work / "mutants").is_dir():
+        raise SystemExit(f"mutation: --again needs a previous run of {module}")
+    if (ROOT / source).read_bytes() != (work / source).read_bytes():
+        raise SystemExit(f"mutation: {source} changed since the last run: run it in full")
+    for name in SUPPORT + tests:
+        if (ROOT / name).exists():
+            shutil.copy2(ROOT / name, work / name)
+    previous = statuses(module)
+    return sorted(name for name, status in previous.items() if status not in KILLED)
+
+
+def statuses(module: str) -> dict[str, str]:
+    """Every mutant of the module's last run and its status (``mutmut results``)."""
+    results = subprocess.run(
+        [str(Path(sys.executable).with_name("mutmut")), "results", "--all", "true"],
+        cwd=WORK / module,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = {}
+    for line in results.stdout.splitlines():
+        match = RESULT_LINE.match(line)
+        if match:
+            found[match.group(1)] = match.group(2).strip()
+    return found
+
+
+def run_module(module: str, jobs: int, equivalent: set[str], again: bool = False) -> Score:
     """mutmut run in the module's copy; the status of every mutant of that module."""
-    work = prepare(module)
+    names = refresh_tests(module) if again else []
+    work = WORK / module if again else prepare(module)
     mutmut = Path(sys.executable).with_name("mutmut")
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    print(f"== {module}: mutmut run ({MODULES[module][0]}, {jobs} jobs) in {work}", flush=True)
+    what = f"{len(names)} mutants not killed last time" if again else "every mutant"
+    print(f"== {module}: mutmut run, {what} ({MODULES[module][0]}, {jobs} jobs)", flush=True)
+    if again and not names:
+        return Score(module, statuses(module), equivalent)
     run = subprocess.run(
-        [str(mutmut), "run", "--max-children", str(jobs)],
+        [str(mutmut), "run", "--max-children", str(jobs), *names],
         cwd=work,
         env=env,
         capture_output=True,
@@ -206,20 +248,7 @@ def run_module(module: str, jobs: int, equivalent: set[str]) -> Score:
     if run.returncode != 0:
         sys.stdout.write(run.stdout[-4000:] + run.stderr[-4000:])
         raise SystemExit(f"mutation: mutmut run failed for {module} (log: {work / 'run.log'})")
-    results = subprocess.run(
-        [str(mutmut), "results", "--all", "true"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    statuses = {}
-    for line in results.stdout.splitlines():
-        match = RESULT_LINE.match(line)
-        if match:
-            statuses[match.group(1)] = match.group(2).strip()
-    return Score(module, statuses, equivalent)
+    return Score(module, statuses(module), equivalent)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,13 +256,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", metavar="MODULE", help=", ".join(MODULES))
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once")
     parser.add_argument("--target", type=float, default=90.0, help="per-module goal, per cent")
+    parser.add_argument(
+        "--again",
+        action="store_true",
+        help="re-test only the mutants the last run did not kill, against today's tests",
+    )
     args = parser.parse_args(argv)
     modules = args.modules or list(MODULES)
     unknown = [name for name in modules if name not in MODULES]
     if unknown:
         parser.error(f"unknown module(s) {', '.join(unknown)}; known: {', '.join(MODULES)}")
     equivalent = documented_equivalents()
-    scores = [run_module(module, args.jobs, equivalent) for module in modules]
+    scores = [run_module(module, args.jobs, equivalent, args.again) for module in modules]
 
     print()
     print(
