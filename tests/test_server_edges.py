@@ -731,3 +731,50 @@ def test_a_node_too_big_for_the_page_is_sent_trimmed(master_factory):
     assert [n["node_id"] for n in first["nodes"]] == ["big", "small"]
     assert first["nodes"][0]["truncated"] is True and first["nodes"][0]["details"] == {}
     assert "truncated" not in first["nodes"][1]
+
+
+def test_a_late_sweep_warns_past_one_second_of_lateness(master_factory, caplog):
+    master = master_factory(cluster=QUIET)  # sweep_interval 0.25 s
+    caplog.set_level(logging.WARNING, logger="rpicluster.master")
+    clock = master.clock = FakeClock(1000.0)
+
+    def sweep_late_by(late: float) -> None:
+        master._last_sweep = clock.now - master.sweep_interval - late
+        master._sweep()
+
+    on_loop(master, lambda: sweep_late_by(1.0))
+    assert messages(caplog, "event loop ran") == []
+    on_loop(master, lambda: sweep_late_by(1.25))
+    assert messages(caplog, "event loop ran") == [
+        "event loop ran 1.2 s late (master starved of CPU or blocked)"
+    ]
+
+
+def test_silent_nodes_are_counted_once_each(master_factory, cluster_secret, caplog):
+    master = master_factory()  # dead_after 0.6 s
+    caplog.set_level(logging.WARNING, logger="rpicluster.master")
+    socks = [
+        join(master, cluster_secret, "two-roles", role="basic"),
+        join(master, cluster_secret, "two-roles", role="vitals"),
+        join(master, cluster_secret, "other"),
+    ]
+    wait_for(
+        lambda: all(n["state"] == "dead" for n in master.cluster_state()["nodes"]),
+        what="both nodes dead",
+    )
+    assert master.cluster_state()["master"]["counters"]["silent_deaths_total"] == 2
+    lines = messages(caplog, "silent for more than")
+    assert sorted(line.split()[1] for line in lines) == ["other", "two-roles"]
+    for sock, _ in socks:
+        sock.close()
+
+
+def test_cluster_state_hands_back_an_error_of_the_loop(master_factory, monkeypatch):
+    master = master_factory(cluster=QUIET)
+
+    def broken(full: bool = True):
+        raise RuntimeError("view broken")
+
+    monkeypatch.setattr(master, "master_dict", broken)
+    with pytest.raises(RuntimeError, match="view broken"):
+        master.cluster_state()
