@@ -537,3 +537,58 @@ def test_a_history_read_that_fails_is_an_internal_reply(master, cluster_secret, 
     assert lines(caplog, "history of node n1 could not be read: disk gone")
     slave.close()
     sock.close()
+
+
+class RecordingTransport(FakeTransport):
+    """A transport that keeps what is written and says who the peer is."""
+
+    def __init__(self, peer) -> None:
+        super().__init__()
+        self.peer = peer
+        self.written = b""
+        self.closed = False
+
+    def get_extra_info(self, name, default=None):
+        return self.peer if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def test_a_connection_without_an_address_takes_the_transports_peer(master):
+    conn = Connection(master)
+    transport = RecordingTransport(("10.3.3.3", 4444))
+    before = counters(master)
+    on_loop(master, lambda: (master.admission.admit(conn, ""), conn.connection_made(transport)))
+    assert (conn.address, conn.peer) == ("10.3.3.3", "10.3.3.3:4444")
+    challenge = p.decode_body(transport.written[4:])
+    assert challenge["type"] == p.CHALLENGE and challenge["nonce"] == conn.nonce
+    assert challenge["max_frame_size"] == master.config.cluster.max_frame_size
+    after = counters(master)
+    assert after["connections_total"] == before["connections_total"] + 1
+    assert after["connections_open"] == before["connections_open"] + 1
+    on_loop(master, lambda: conn.connection_lost(None))
+    assert counters(master)["connections_open"] == before["connections_open"]
+    assert conn not in master.connections and conn.timer.cancelled()
+
+
+def test_a_connection_from_an_unknown_peer_keeps_its_placeholder(master):
+    conn = Connection(master)
+    transport = RecordingTransport(None)  # e.g. a UNIX socket: no (host, port)
+    on_loop(master, lambda: (master.admission.admit(conn, ""), conn.connection_made(transport)))
+    assert (conn.address, conn.peer) == ("", "?")
+    on_loop(master, lambda: conn.connection_lost(None))
+
+
+def test_replies_are_not_delayed_by_nagle(master, cluster_secret):
+    sock = join(master, cluster_secret)
+    conn = next(iter(master.connections))
+    server_side = conn.transport.get_extra_info("socket")
+    assert server_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    sock.close()
