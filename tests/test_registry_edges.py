@@ -443,3 +443,54 @@ def test_a_stored_address_must_be_short_printable_text(registry):
     assert registry.nodes["long"].address == "" and registry.nodes["long"].hostname == ""
     assert registry.nodes["ctrl"].address == ""
     assert registry.nodes["num"].hostname == "10.0.0.4"
+
+
+def test_a_node_bound_to_a_certificate_shows_its_days_left(registry, clock):
+    not_after = WALL + 1000.0 + 3000.06 * 86400
+    details = {"hostname": "pi", "tls": {"name": "pi-cert", "not_after": not_after}}
+    registry.register("n1", "basic", "a", details, Conn())
+    view = registry.node_dict(registry.nodes["n1"])
+    assert view["tls"] == {"name": "pi-cert", "not_after": not_after, "days_left": 3000.1}
+    registry.nodes["n1"].details["tls"] = {"name": "pi-cert", "not_after": True}
+    assert registry.node_dict(registry.nodes["n1"])["tls"]["days_left"] is None
+    registry.nodes["n1"].details["tls"] = "not a record"
+    assert "tls" not in registry.node_dict(registry.nodes["n1"])
+
+
+def test_the_label_is_the_node_name_before_the_hostname(registry):
+    registry.register("n1", "basic", "a", {"hostname": "pi", "node_name": "web"}, Conn())
+    registry.register("n2", "basic", "b", {"hostname": "pi-2"}, Conn())
+    assert node_label(registry.nodes["n1"]) == "web"
+    assert node_label(registry.nodes["n2"]) == "pi-2"
+
+
+def test_the_alert_rules_see_every_node_whose_vitals_changed_or_that_was_forgotten(registry):
+    session, _ = registry.register("n1", "vitals", "a", {}, Conn())
+    registry.register("n2", "vitals", "b", {}, Conn())
+    registry.changed.clear()
+    registry.vitals(session, {"ts": 1.0})
+    assert registry.changed == {"n1"}
+    registry.forget("n2")
+    assert registry.changed == {"n1", "n2"}
+
+
+def test_a_duplicate_id_holds_for_exactly_its_hold_and_logs_every_ten_minutes(registry, clock):
+    from rpicluster.master import registry as registry_module
+
+    hold = registry_module.DUPLICATE_ID_HOLD
+    every = registry_module.DUPLICATE_ID_LOG_EVERY
+    registry.register("n1", "basic", "a", {}, Conn())
+    node = registry.nodes["n1"]
+    assert registry.duplicate_id(node) is False
+    assert registry.flag_duplicate_id(node, "10.0.0.9") is True
+    assert registry.duplicate_id(node) is True
+    assert registry.node_dict(node)["duplicate_id_address"] == "10.0.0.9"
+    clock.now += hold - 0.125
+    assert registry.duplicate_id(node) is True
+    clock.now += 0.125
+    assert registry.duplicate_id(node) is False
+    assert "duplicate_id_address" not in registry.node_dict(node)
+    clock.now = 1000.0 + every - 0.125
+    assert registry.flag_duplicate_id(node, "10.0.0.9") is False
+    clock.now = 1000.0 + every
+    assert registry.flag_duplicate_id(node, "10.0.0.9") is True
