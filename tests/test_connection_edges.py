@@ -35,8 +35,8 @@ def master(master_factory):
 
 @pytest.fixture
 def clock(master):
-    """Freeze the connections' clock (the registry keeps its own)."""
-    fake = master.clock = FakeClock()
+    """Freeze the master's clock where it stands: connections and registry share it."""
+    fake = master.clock = master.registry.clock = FakeClock(time.monotonic())
     return fake
 
 
