@@ -334,7 +334,7 @@ def _oversized_frames(port, secret, rss, master) -> None:
             socks.append(sock)
         except OSError:
             pass
-    time.sleep(1.0)
+    time.sleep(1.0)  # held while the status poller runs (observing a window is the point)
     rss.append(master.rss())
     for sock in socks:
         sock.close()

@@ -246,7 +246,6 @@ def test_wrong_secret_is_refused_and_retried(master, start_slave, caplog):
     slave = start_slave(master.port, secret="not-the-cluster-secret-000")
     wait_for(
         lambda: master.cluster_state()["master"]["counters"]["auth_failures_total"] >= 2,
-        timeout=5,
         what="two refused attempts",
     )
     assert slave.is_alive() and not slave.connected.is_set()
@@ -303,7 +302,6 @@ def test_an_exception_in_perform_action_is_reported(master, start_slave):
             and n["action_errors"].get("failing", {}).get("count", 0) >= 2
             and n
         ),
-        timeout=5,
         what="two action errors reported",
     )
     entry = node["action_errors"]["failing"]
