@@ -31,10 +31,11 @@ from typing import Any, Optional
 
 from bench import report
 from bench.simslaves import (
-    HOST,
     SECRET,
     Fleet,
     MasterProcess,
+    dial,
+    enable_tls,
     free_port,
     query_cluster,
     raise_nofile,
@@ -48,7 +49,7 @@ DEFAULTS = ClusterSettings(secret=SECRET)
 
 
 def slave_socket(port: int, node_id: str) -> socket.socket:
-    sock = socket.create_connection((HOST, port), timeout=30)
+    sock = dial(port, 30, node_id)
     p.client_handshake(sock, SECRET, kind=p.KIND_SLAVE, node_id=node_id, role="basic")
     return sock
 
@@ -83,7 +84,7 @@ def node_state(client: socket.socket, qid: int, node_id: str) -> str:
 
 def closed_trials(port: int, trials: int) -> list[float]:
     """Close a slave's socket without goodbye; poll until the master says dead."""
-    client = socket.create_connection((HOST, port), timeout=10)
+    client = dial(port, 10)
     p.client_handshake(client, SECRET, kind=p.KIND_CLIENT, node_id="bench-watch", role="-")
     times = []
     qid = 0
@@ -249,8 +250,16 @@ def main(argv: Any = None) -> int:
         "--restart-sec", type=float, default=1.0, help="s before a crashed master restarts (1)"
     )
     parser.add_argument("--no-append", action="store_true", help="do not write results.md")
+    parser.add_argument(
+        "--tls", action="store_true", help="TLS with a cluster CA, a certificate per slave"
+    )
     args = parser.parse_args(argv)
     raise_nofile(4096)
+    if args.tls:
+        names = [f"sim-{i:05d}" for i in range(args.slaves)]
+        names += [f"silent-{i}" for i in range(args.silent)]
+        names += [f"closed-{i}" for i in range(args.closed)]
+        enable_tls(f"{temp_state_dir()}/pki", names)
     load_before = os.getloadavg()[0]
     lines: list[str] = []
     targets = detection(args, lines)
@@ -265,7 +274,7 @@ def main(argv: Any = None) -> int:
     if args.no_append:
         print("\n".join(lines))
     else:
-        report.append("failover", lines)
+        report.append("failover with TLS" if args.tls else "failover", lines)
     return 0 if all(ok for _, ok in targets) else 1
 
 

@@ -23,6 +23,7 @@ import queue
 import random
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,37 @@ from rpicluster.backoff import Backoff
 HOST = "127.0.0.1"  # the network rule: loopback only
 SECRET = "bench-secret-0123456789abcdef"
 TICK = 0.01  # seconds between two ticker runs of a worker
+# With TLS (``--tls`` of the benches): the directory of the bench's cluster CA,
+# the master's credential and one per simulated slave (its node id); inherited
+# by the worker processes through the environment.
+TLS_ENV = "RPICLUSTER_BENCH_TLS_DIR"
+
+
+def tls_dir() -> str:
+    return os.environ.get(TLS_ENV, "")
+
+
+def enable_tls(directory: str, names: list[str]) -> None:
+    """A cluster CA, the master's credential and one per name, as the roles make them.
+
+    Each simulated slave needs its own certificate: the master binds a node id to
+    one certificate and refuses a second connected node id for it.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.tlscerts import CA
+
+    ca = CA(Path(directory))
+    ca.master("master")
+    for name in names:
+        ca.issue(name)
+    os.environ[TLS_ENV] = directory
+
+
+def tls_settings(name: str = "master") -> Any:
+    from rpicluster.config import TlsSettings
+
+    base = tls_dir()
+    return TlsSettings(f"{base}/ca.crt", f"{base}/{name}.crt", f"{base}/{name}.key")
 
 
 def raise_nofile(wanted: int) -> int:
@@ -71,6 +103,10 @@ def write_config(state_dir: str, port: int, **cluster: Any) -> str:
     # Every simulated Pi shares 127.0.0.1: a real Pi holds one pending connection
     # per role, so the per-address cap (default 64) is raised for the bench alone.
     text += "max_unauthenticated_per_address = 4096\n"
+    if tls_dir():
+        settings = tls_settings()
+        text += f"[tls]\nca_file = {settings.ca_file}\ncert_file = {settings.cert_file}\n"
+        text += f"key_file = {settings.key_file}\n"
     path = Path(state_dir) / "master.cfg"
     path.write_text(text)
     return str(path)
@@ -166,9 +202,23 @@ class MasterProcess:
             self.proc.wait(5)
 
 
+def dial(port: int, timeout: float, name: str = "master") -> Any:
+    """A connected socket to the master, in TLS (``name``'s credential) when the bench is."""
+    raw = socket.create_connection((HOST, port), timeout=timeout)
+    if not tls_dir():
+        return raw
+    from rpicluster import tls
+
+    try:
+        return tls.connect(raw, tls.client_context(tls_settings(name)), HOST)
+    except BaseException:
+        raw.close()
+        raise
+
+
 def query_cluster(port: int, timeout: float = 30.0) -> dict[str, Any]:
     """The whole cluster document from the master, page by page (a ``client`` connection)."""
-    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+    with contextlib.closing(dial(port, timeout)) as sock:
         p.client_handshake(sock, SECRET, kind=p.KIND_CLIENT, node_id="bench", role="-")
         nodes: list[dict[str, Any]] = []
         offset: Optional[int] = 0
@@ -205,6 +255,8 @@ class SimSlave(asyncio.Protocol):
         self.seq = 0
         self.sent_at = 0.0
         self.awaiting = False
+        self.context: Optional[ssl.SSLContext] = None
+        self.tls: Any = None  # (SSLObject, incoming, outgoing) while a TLS connection lives
 
     def connect(self) -> None:
         task = self.worker.loop.create_task(
@@ -226,8 +278,50 @@ class SimSlave(asyncio.Protocol):
         self.transport = transport
         self.decoder = p.FrameDecoder()
         self.worker.connects.append(time.monotonic())
+        if tls_dir():  # TLS over memory BIOs, as the master does (no 256 KiB buffer each)
+            if self.context is None:
+                settings = tls_settings(self.node_id)
+                self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                self.context.load_verify_locations(settings.ca_file)
+                self.context.load_cert_chain(settings.cert_file, settings.key_file)
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            obj = self.context.wrap_bio(incoming, outgoing, server_hostname=HOST)
+            self.tls = (obj, incoming, outgoing)
+            self._tls_step(b"")
+
+    def _tls_step(self, data: bytes) -> bytes:
+        obj, incoming, outgoing = self.tls
+        if data:
+            incoming.write(data)
+        plain = b""
+        try:
+            if obj.version() is None:
+                obj.do_handshake()
+            while incoming.pending or obj.pending():
+                plain += obj.read(65536)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError as exc:
+            self.worker.errors.append(f"tls: {exc.reason}")
+            self.transport.abort()  # type: ignore[union-attr]
+        out = outgoing.read()
+        if out and self.transport is not None:
+            self.transport.write(out)
+        return plain
+
+    def write(self, frame: bytes) -> None:
+        if self.tls is None:
+            self.transport.write(frame)  # type: ignore[union-attr]
+            return
+        obj, _, outgoing = self.tls
+        obj.write(frame)
+        self.transport.write(outgoing.read())  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
+        if self.tls is not None:
+            data = self._tls_step(data)
+            if not data:
+                return
         for body in self.decoder.feed(data):
             message = p.decode_body(body)
             kind = message["type"]
@@ -242,7 +336,7 @@ class SimSlave(asyncio.Protocol):
                 mac = p.hello_mac(
                     SECRET, self.server_nonce, self.nonce, p.KIND_SLAVE, self.node_id, "basic"
                 )
-                self.transport.write(  # type: ignore[union-attr]
+                self.write(
                     p.make(
                         p.HELLO,
                         protocol=p.PROTOCOL_VERSION,
@@ -273,6 +367,7 @@ class SimSlave(asyncio.Protocol):
         self.registered = False
         self.awaiting = False
         self.transport = None
+        self.tls = None
         self._retry()
 
     def heartbeat(self, now: float) -> None:
@@ -283,7 +378,7 @@ class SimSlave(asyncio.Protocol):
         self.seq += 1
         self.sent_at = now
         self.awaiting = True
-        self.transport.write(p.make(p.HEARTBEAT, seq=self.seq, sent_at=now))
+        self.write(p.make(p.HEARTBEAT, seq=self.seq, sent_at=now))
 
 
 @dataclass

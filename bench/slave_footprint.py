@@ -27,6 +27,7 @@ import psutil
 
 from bench.master_load import cpu_pressure
 from bench.report import append
+from bench.simslaves import enable_tls, tls_dir, tls_settings
 from rpicluster.client import ClientError, MasterClient
 
 RSS_TARGET_MB = 20.0
@@ -44,12 +45,29 @@ def command(script: str, module_args: list[str]) -> list[str]:
     return [str(path)] if path.exists() else [sys.executable, "-m", "rpicluster", *module_args]
 
 
+def tls_section(name: str) -> str:
+    """``[tls]`` with ``name``'s credential when the bench runs with --tls, else ''."""
+    if not tls_dir():
+        return ""
+    settings = tls_settings(name)
+    return (
+        f"[tls]\nca_file = {settings.ca_file}\ncert_file = {settings.cert_file}\n"
+        f"key_file = {settings.key_file}\n"
+    )
+
+
+def client(port: int, timeout: float) -> MasterClient:
+    """A status client; with --tls it shows the master's own credential."""
+    tls = tls_settings() if tls_dir() else None
+    return MasterClient("127.0.0.1", port, SECRET, timeout=timeout, tls=tls)
+
+
 def write_configs(workdir: Path, port: int, slaves: list[str]) -> tuple[Path, list[Path]]:
     master = workdir / "master.cfg"
     master.write_text(
         f"[cluster]\nsecret = {SECRET}\n"
         f"[master]\nsocket_bind_ip = 127.0.0.1\nsocket_port = {port}\n"
-        f"state_dir = {workdir / 'master-state'}\n"
+        f"state_dir = {workdir / 'master-state'}\n" + tls_section("master")
     )
     configs = []
     for name in slaves:
@@ -57,7 +75,7 @@ def write_configs(workdir: Path, port: int, slaves: list[str]) -> tuple[Path, li
         config.write_text(
             f"[cluster]\nsecret = {SECRET}\n"
             f"[slave]\nmaster_ip = 127.0.0.1\nsocket_port = {port}\nroles = basic, vitals\n"
-            f"state_dir = {workdir / ('state-' + name)}\n"
+            f"state_dir = {workdir / ('state-' + name)}\n" + tls_section(name)
         )
         configs.append(config)
     return master, configs
@@ -104,8 +122,8 @@ PI_READINGS = (
 def latest_vitals(port: int, node_id: str) -> dict:
     """The node's latest vitals at the master ({} when it cannot answer)."""
     try:
-        with MasterClient("127.0.0.1", port, SECRET, timeout=5) as client:
-            nodes = client.cluster_state()["nodes"]
+        with client(port, 5) as master:
+            nodes = master.cluster_state()["nodes"]
     except ClientError:
         return {}
     return next((node["vitals"] or {} for node in nodes if node["node_id"] == node_id), {})
@@ -118,8 +136,8 @@ def wait_registered(port: int, node_id_file: Path, timeout: float = 30.0) -> tup
         if node_id_file.exists():
             node_id = node_id_file.read_text().strip()
             try:
-                with MasterClient("127.0.0.1", port, SECRET, timeout=2) as client:
-                    nodes = client.cluster_state()["nodes"]
+                with client(port, 2) as master:
+                    nodes = master.cluster_state()["nodes"]
             except ClientError:
                 nodes = []
             for node in nodes:
@@ -129,11 +147,13 @@ def wait_registered(port: int, node_id_file: Path, timeout: float = 30.0) -> tup
     raise SystemExit(f"a slave did not register with vitals within {timeout:g} s")
 
 
-def measure(seconds: float) -> list[str]:
+def measure(seconds: float, tls: bool = False) -> list[str]:
     """Run a Pi-like slave and the dev venv's console script side by side, same window."""
     workdir = Path(tempfile.mkdtemp(prefix="rpicluster-footprint-"))
     port = free_port()
     names = ["pi", "dev"]
+    if tls:
+        enable_tls(str(workdir / "pki"), names)
     master_cfg, slave_cfgs = write_configs(workdir, port, names)
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     commands = {
@@ -213,11 +233,16 @@ def measure(seconds: float) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="measurement window")
+    parser.add_argument("--tls", action="store_true", help="with [tls] (issue 8: <= 22 MB)")
     args = parser.parse_args()
     if args.seconds < 5:
         parser.error("--seconds must be at least 5")
-    lines = measure(args.seconds)
-    append("slave_footprint: one rpicluster-slave running basic,vitals", lines)
+    global RSS_TARGET_MB
+    if args.tls:
+        RSS_TARGET_MB = 22.0
+    lines = measure(args.seconds, args.tls)
+    tls = " with TLS" if args.tls else ""
+    append(f"slave_footprint: one rpicluster-slave running basic,vitals{tls}", lines)
     return 0
 
 

@@ -209,9 +209,38 @@ def _warnings(node: dict[str, Any]) -> str:
         found.append("DUPLICATE ID")
     if node.get("duplicate_name") is True:
         found.append("duplicate name")
+    cert = cert_warning(node.get("tls"))
+    if cert:
+        found.append(cert)
     vitals = node.get("vitals")
     found += pihealth.warnings(vitals if isinstance(vitals, dict) else None)
     return ", ".join(found) or "-"
+
+
+CERT_WARN_DAYS = 30  # a deploy renews certificates that expire within 30 days
+
+
+def cert_warning(tls: Any, who: str = "cert") -> str:
+    """ "cert expires in 12 d" / "CERT EXPIRED" when a certificate needs a deploy, else ''."""
+    days = tls.get("days_left") if isinstance(tls, dict) else None
+    if not isinstance(days, (int, float)) or isinstance(days, bool):
+        return ""
+    if days < 0:
+        return f"{who.upper()} EXPIRED"
+    return f"{who} expires in {days:.0f} d" if days < CERT_WARN_DAYS else ""
+
+
+def _tls_summary(master: dict[str, Any]) -> str:
+    """ "tls: cert 364 d, CA 3649 d" with TLS, "no tls" without, "" from an older master."""
+    tls = master.get("tls")
+    if not isinstance(tls, dict):
+        return ""
+    if tls.get("enabled") is not True:
+        return "no tls"
+    days, ca_days = tls.get("days_left"), tls.get("ca_days_left")
+    if not isinstance(days, (int, float)) or not isinstance(ca_days, (int, float)):
+        return "tls: certificates unreadable"
+    return f"tls: cert {days:.0f} d, CA {ca_days:.0f} d"
 
 
 def _store_summary(master: dict[str, Any]) -> str:
@@ -294,6 +323,9 @@ def format_table(state: dict[str, Any], now: Optional[float] = None) -> str:
         counts[word] = counts.get(word, 0) + 1
     if counts:
         summary += " (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")"
+    tls = _tls_summary(master)
+    if tls:
+        summary += f"; {tls}"
     store = _store_summary(master)
     if store:
         summary += f"; {store}"

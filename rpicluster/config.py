@@ -115,6 +115,10 @@ class WebserverSettings:
     webserver_port: int = DEFAULT_WEBSERVER_PORT
     refresh_interval: float = 2.0
     history_window: float = 3600.0
+    # An optional login (HTTP Basic): both set, or neither (no login). The hash is
+    # pbkdf2_sha256$<iterations>$<salt>$<hash> (rpicluster/web/auth.py).
+    login_user: str = ""
+    login_password_hash: str = ""
 
 
 WEBHOOK_FORMATS = ("json", "text", "chat")
@@ -384,7 +388,27 @@ def _read_webserver(r: _Reader) -> WebserverSettings:
         webserver_port=r.port(s, "webserver_port", DEFAULT_WEBSERVER_PORT),
         refresh_interval=r.number(s, "refresh_interval", 2.0, minimum=0.1, maximum=3600),
         history_window=r.number(s, "history_window", 3600.0, minimum=1.0),
+        **_read_login(r, s),
     )
+
+
+def _read_login(r: _Reader, s: str) -> dict[str, str]:
+    """``login_user`` and ``login_password_hash``: both or neither, the hash well-formed."""
+    user = r.text(s, "login_user", "")
+    password_hash = r.text(s, "login_password_hash", "")
+    if bool(user) != bool(password_hash):
+        missing = "login_password_hash" if user else "login_user"
+        raise r.error(s, missing, "is required when the other login setting is set")
+    if password_hash:
+        from rpicluster.web.auth import parse_hash
+
+        try:
+            parse_hash(password_hash)
+        except ValueError as exc:
+            raise r.error(s, "login_password_hash", str(exc)) from None
+        if ":" in user or not user.isprintable():
+            raise r.error(s, "login_user", "must be printable and hold no ':'")
+    return {"login_user": user, "login_password_hash": password_hash}
 
 
 def _flag(r: _Reader, section: str, key: str, default: bool) -> bool:

@@ -8,8 +8,10 @@ certificate lets it speak only as itself; a rogue master gets nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import socket
 import ssl
 import threading
@@ -355,3 +357,183 @@ def test_certificate_info_reads_name_and_expiry(pki):
     (info,) = tlsmod.certificate_info(pki["pi-a"].cert_file)
     assert info["name"] == "pi-a"
     assert 364 < tlsmod.days_left(info["not_after"]) <= 366
+
+
+# ------------------------------------------- days to expiry: status and dashboard
+
+
+@pytest.mark.parametrize(
+    ("days", "shown"),
+    [(100, ""), (30.2, ""), (12.4, "cert expires in 12 d"), (-0.5, "CERT EXPIRED"), (None, "")],
+)
+def test_a_certificate_near_expiry_is_a_warning(days, shown):
+    from rpicluster.cli import cert_warning
+
+    assert cert_warning({"name": "pi-a", "days_left": days}) == shown
+    assert cert_warning(None) == ""
+
+
+def test_status_shows_the_days_to_expiry(tls_master, tmp_path, pki, slaves, capsys):
+    from rpicluster.cli import main
+
+    slave = slave_for(tls_master, tmp_path, "a", pki["pi-a"])
+    slaves.append(slave)
+    wait_for(lambda: (n := node(tls_master, slave.node_id)) and n["state"] == "alive")
+    config = tmp_path / "status.cfg"
+    tls = "".join(f"{k} = {v}\n" for k, v in tls_section(pki["master"]).items())
+    config.write_text(
+        f"[cluster]\nsecret = {TEST_SECRET}\n[master]\nsocket_bind_ip = 127.0.0.1\n"
+        f"socket_port = {tls_master.port}\nstate_dir = {tmp_path / 'unused'}\n[tls]\n{tls}"
+    )
+    assert main(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"tls: cert 36[45] d, CA 36(49|50) d", out), out
+    assert main(["status", "--config", str(config), "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert [n["tls"]["name"] for n in state["nodes"]] == ["pi-a"]
+
+
+def test_the_dashboard_shows_the_certificates():
+    from rpicluster.web import dashboard
+    from rpicluster.web.state import ClusterState
+
+    master = {"hostname": "m", "tls": {"enabled": True, "days_left": 364.6, "ca_days_left": 3649}}
+    node_doc = {
+        "node_id": "n1",
+        "name": "pi-a",
+        "state": "alive",
+        "roles": ["basic"],
+        "details": {},
+        "tls": {"name": "pi-a", "not_after": 1.0, "days_left": 12.2},
+    }
+    snap = ClusterState(3600).replace(master=master, nodes=[node_doc], history={}, fetched_at=1.0)
+    page = dashboard.render_dashboard(snap, refresh_interval=2, history_window=3600, stale_after=30)
+    assert "TLS: certificate 365 d, CA 3649 d" in page
+    node_page = dashboard.render_node(
+        snap, node_doc, refresh_interval=2, history_window=3600, stale_after=30
+    )
+    assert "<dt>certificate</dt><dd>pi-a, 12 days left</dd>" in node_page
+
+
+def test_during_a_ca_rotation_old_and_new_certificates_talk(
+    master_factory, make_config, tmp_path, pki, slaves
+):
+    """playbooks/rotate-ca.yml step 4: both CAs trusted, Pis renewed or not yet, all join."""
+    new = CA(tmp_path / "new", name="rpicluster cluster CA 2026-11-29")
+    bundle = tmp_path / "bundle.crt"
+    bundle.write_bytes(Path(pki["ca"].path).read_bytes() + new.path.read_bytes())
+    master_cert = new.master("master", ca_file=bundle)  # the master renewed first
+    tls_master = master_factory(
+        config=make_config(
+            master={"socket_bind_ip": "127.0.0.1", "socket_port": 0}, tls=tls_section(master_cert)
+        )
+    )
+    old_pi = tlsmod.TlsSettings(str(bundle), pki["pi-a"].cert_file, pki["pi-a"].key_file)
+    new_pi = new.issue("pi-b", ca_file=bundle)
+    pis = (("a", old_pi), ("b", new_pi))
+    joined = [slave_for(tls_master, tmp_path, name, cred) for name, cred in pis]
+    slaves.extend(joined)
+    for slave in joined:
+        wait_for(lambda s=slave: (n := node(tls_master, s.node_id)) and n["state"] == "alive")
+    # Step 5: the old CA is no longer trusted; a Pi still on it is refused.
+    only_new = master_factory(
+        config=make_config(
+            master={"socket_bind_ip": "127.0.0.1", "socket_port": 0},
+            tls=tls_section(new.master("master2")),
+        )
+    )
+    with pytest.raises(ClientError, match="cluster CA|refused|certificate"):
+        MasterClient("127.0.0.1", only_new.port, TEST_SECRET, tls=old_pi).connect()
+
+
+# --------------------------------------------------------- the dashboard login
+
+
+def test_password_hashes_check_and_refuse():
+    from rpicluster.web.auth import BasicAuth, hash_password, parse_hash
+
+    stored = hash_password("correct horse", iterations=10_000)
+    assert stored.startswith("pbkdf2_sha256$10000$") and "correct" not in stored
+    auth = BasicAuth("admin", stored)
+
+    def header(user: str, password: str) -> str:
+        import base64
+
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    assert auth.check(header("admin", "correct horse")) is True
+    assert auth.check(header("admin", "correct horse")) is True  # from the cache
+    assert auth.check(header("admin", "wrong")) is False
+    assert auth.check(header("root", "correct horse")) is False
+    assert auth.check(None) is False and auth.check("Bearer x") is False
+    results = [auth.check(header("admin", f"guess-{i}")) for i in range(20)]
+    assert None in results  # throttled after the burst, without hashing
+    for bad in ("plain", "pbkdf2_sha256$10$c2FsdHNhbHQ=$" + "A" * 44, "md5$1$a$b"):
+        with pytest.raises(ValueError):
+            parse_hash(bad)
+
+
+def test_the_login_is_configured_both_or_neither(make_config):
+    from rpicluster.web.auth import hash_password
+
+    slave = {"master_ip": "127.0.0.1"}
+    with pytest.raises(ConfigError, match=r"\[webserver\] login_password_hash: is required"):
+        make_config(slave=slave, webserver={"login_user": "admin"})
+    with pytest.raises(ConfigError, match=r"\[webserver\] login_password_hash: is not a pbkdf2"):
+        make_config(slave=slave, webserver={"login_user": "a", "login_password_hash": "secret"})
+    stored = hash_password("pw-pw-pw-pw", iterations=10_000)
+    config = make_config(
+        slave=slave, webserver={"login_user": "admin", "login_password_hash": stored}
+    )
+    assert config.webserver.login_user == "admin"
+
+
+def test_the_dashboard_asks_for_the_login(tls_master, tmp_path, make_config, pki):
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from rpicluster.roles.webserver import WebserverSlaveThread
+    from rpicluster.web.auth import hash_password
+
+    stored = hash_password("pw-pw-pw-pw", iterations=10_000)
+    config = make_config(
+        slave={"master_ip": "127.0.0.1", "socket_port": tls_master.port},
+        webserver={"login_user": "admin", "login_password_hash": stored},
+        tls=tls_section(pki["pi-a"]),
+    )
+    web = WebserverSlaveThread(
+        "127.0.0.1",
+        tls_master.port,
+        secret=TEST_SECRET,
+        state_dir=str(tmp_path / "web"),
+        config=config,
+        tls=config.tls,
+        webserver_host="127.0.0.1",
+        webserver_port=0,
+    )
+    web.start()
+    try:
+        host, port = wait_for(lambda: _address(web), what="dashboard serving")
+        base = f"http://{host}:{port}"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{base}/", timeout=5)
+        assert refused.value.code == 401
+        assert refused.value.headers["WWW-Authenticate"].startswith("Basic ")
+        for path in ("/metrics", "/api/nodes"):
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(base + path, timeout=5)
+        assert urllib.request.urlopen(f"{base}/healthz", timeout=5).status in (200, 503)
+        login = base64.b64encode(b"admin:pw-pw-pw-pw").decode()
+        request = urllib.request.Request(f"{base}/", headers={"Authorization": f"Basic {login}"})
+        assert urllib.request.urlopen(request, timeout=5).status == 200
+    finally:
+        web.stop()
+        web.join(5)
+
+
+def _address(web: Any) -> Any:
+    try:
+        return web.web_address
+    except RuntimeError:
+        return None

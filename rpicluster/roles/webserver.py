@@ -18,6 +18,7 @@ from typing import Any, Optional
 from rpicluster import protocol
 from rpicluster.config import WebserverSettings
 from rpicluster.slave import NotConnectedError, RpiBasicSlaveThread
+from rpicluster.web.auth import BasicAuth
 from rpicluster.web.http import DashboardSettings, WebService
 from rpicluster.web.state import ClusterState, refresh
 
@@ -65,7 +66,14 @@ class WebserverSlaveThread(RpiBasicSlaveThread):
             self.webserver_host,
             port,
             self.state,
-            DashboardSettings(self.refresh_interval, float(window), stale_after),
+            DashboardSettings(
+                self.refresh_interval,
+                float(window),
+                stale_after,
+                BasicAuth(settings.login_user, settings.login_password_hash)
+                if settings.login_user
+                else None,
+            ),
             connected=self.connected.is_set,
         )
         self._web_lock = threading.Lock()

@@ -324,6 +324,11 @@ def _header(snap: Snapshot, now_local: float, title_html: str) -> str:
     host = master.get("hostname") or master.get("address") or ""
     refreshed = humanize.ago(snap.fetched_at, now_local) if snap.fetched_at else "not yet"
     meta = f"master {_e(host)} \u00b7 " if host else ""
+    tls = master.get("tls")
+    if isinstance(tls, Mapping) and tls.get("enabled") is True:
+        days, ca_days = number(tls.get("days_left")), number(tls.get("ca_days_left"))
+        if days is not None and ca_days is not None:
+            meta += f"TLS: certificate {days:.0f} d, CA {ca_days:.0f} d \u00b7 "
     meta += f"refreshed {_e(refreshed)}"
     return (
         f"<header><h1>{title_html}</h1>"
@@ -551,6 +556,11 @@ def render_node(
         _fact("last seen", humanize.ago(number(node.get("last_seen")), now)),
         _fact("connected since", humanize.clock(number(node.get("connected_since")))),
     ]
+    tls = node.get("tls")
+    if isinstance(tls, Mapping):  # bound to a certificate (docs/protocol.md 13)
+        days = number(tls.get("days_left"))
+        left = f", {days:.0f} days left" if days is not None else ""
+        facts.append(_fact("certificate", f"{displayable.text(tls.get('name'))}{left}"))
     plots = node_plots(
         snap,
         node,

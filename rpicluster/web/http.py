@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import rpicluster
 from rpicluster import displayable
 from rpicluster.web import api, dashboard, sd
+from rpicluster.web.auth import BasicAuth
 from rpicluster.web.metrics import MetricsRenderer
 from rpicluster.web.state import ClusterState, Snapshot
 
@@ -58,10 +59,17 @@ SECURITY_HEADERS = {
 class DashboardSettings:
     """What the pages need to know besides the state (from ``[webserver]`` and ``[cluster]``)."""
 
-    def __init__(self, refresh_interval: float, history_window: float, stale_after: float) -> None:
+    def __init__(
+        self,
+        refresh_interval: float,
+        history_window: float,
+        stale_after: float,
+        auth: Optional[BasicAuth] = None,
+    ) -> None:
         self.refresh_interval = refresh_interval
         self.history_window = history_window
         self.stale_after = stale_after
+        self.auth = auth  # a login for every page but /healthz (web/auth.py), or None
 
 
 class _Connection:
@@ -558,6 +566,8 @@ class DashboardHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (stdlib naming)
         path = urlsplit(self.path).path
         try:
+            if not self._logged_in(path):
+                return
             self._route(path)
         except Exception:
             log.exception("error serving %s", displayable.text(path))
@@ -565,6 +575,35 @@ class DashboardHandler(BaseHTTPRequestHandler):
             self.response_body = b""
             self.close_connection = True
             self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n", "text/plain")
+
+    def _logged_in(self, path: str) -> bool:
+        """With a login set: True for a good Authorization header (or /healthz), else a 401."""
+        auth = self.server.settings.auth
+        if auth is None or path == "/healthz":
+            return True
+        verdict = auth.check(self.headers.get("Authorization"))
+        if verdict:
+            return True
+        status = HTTPStatus.TOO_MANY_REQUESTS if verdict is None else HTTPStatus.UNAUTHORIZED
+        body = (
+            b"too many failed logins, try again in a few seconds\n"
+            if verdict is None
+            else (b"login required\n")
+        )
+        if verdict is False and self.headers.get("Authorization"):
+            log.warning("dashboard: failed login from %s", self.address_string())
+        self.send_response(status)
+        if verdict is False:
+            self.send_header("WWW-Authenticate", 'Basic realm="rpicluster", charset="UTF-8"')
+        else:
+            self.send_header("Retry-After", "2")
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.response_body = body
+        return False
 
     def _method_not_allowed(self) -> None:
         self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
