@@ -1,7 +1,10 @@
-"""A custom slave role in ten lines: report how many processes run on the Pi.
+"""A custom slave role in a few lines: report how many processes run on the Pi.
 
-Run it with ``roles = basic, custom_slave:ProcessCountSlave`` in ``[slave]`` and
-this directory on PYTHONPATH (or install the module next to rpicluster).
+Deployed as a file: put it in slave_roles/ beside the inventory and add
+``custom_slave:ProcessCountSlave`` to a group's ``rpicluster_slave_roles``
+(README, "Writing your own slave"). By hand: ``roles = basic,
+custom_slave:ProcessCountSlave`` in ``[slave]`` and this directory on PYTHONPATH.
+Its own settings come from the ``[processes]`` section (``interval``, seconds).
 """
 
 import psutil
@@ -13,5 +16,6 @@ class ProcessCountSlave(RpiBasicSlaveThread):
     role = "processes"
 
     def perform_action(self):
+        settings = self.config.section("processes") if self.config else {}
         self.send("vitals", vitals={"processes": len(psutil.pids())})
-        self.wait(5)
+        self.wait(float(settings.get("interval", 5)))

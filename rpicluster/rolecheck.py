@@ -179,6 +179,13 @@ def check_role(spec: str, paths: Sequence[str] = ()) -> RoleCheck:
     from rpicluster.slave import RpiBasicSlaveThread
 
     filename, module_name, class_name = parse_spec(spec)
+    if filename is None and "." not in module_name:
+        # a role file in one of the directories (slave_roles/fan.py): checked as that file
+        for directory in paths:
+            candidate = os.path.join(directory, f"{module_name}.py")
+            if os.path.isdir(directory) and os.path.isfile(candidate):
+                filename = candidate
+                break
     source = ""
     if filename is not None:
         try:

@@ -113,6 +113,13 @@ def test_a_module_from_a_wheel(tmp_path):
         rolecheck.check_role("nowhere:FanSlave", [str(wheel)])
 
 
+def test_a_module_found_as_a_file_in_a_directory_is_checked_as_that_file(tmp_path):
+    path = write(tmp_path, "fan.py", GOOD.replace("RpiBasicSlaveThread):", "RpiBasicSlaveThread)"))
+    with pytest.raises(rolecheck.RoleCheckError) as caught:
+        rolecheck.check_role("fan:FanSlave", [str(tmp_path)])
+    assert str(caught.value).startswith(f"{path}:4: SyntaxError")
+
+
 @pytest.mark.parametrize("spec", ["fan.py", "fan.py:", "not-a-module:Cls", "fan.py:1x"])
 def test_malformed_specs(spec):
     with pytest.raises(ValueError):
