@@ -232,3 +232,16 @@ def test_text_and_chat_formats(receiver):
         hook.close()
     assert receiver.posts[0][1] == b"[FIRING] node_dead: pi-3 dead"
     assert json.loads(receiver.posts[1][1])["text"].startswith("[FIRING]")
+
+
+def test_an_unsendable_notification_does_not_stop_the_sender(receiver):
+    hook = wh.Webhook(receiver.url, "json")
+    hook.start()
+    try:
+        hook.put({"alert": "x", "status": "firing", "value": float("nan")})  # not JSON
+        hook.put({"alert": "node_dead", "status": "firing", "summary": "after"})
+        wait_for(lambda: hook.health()["sent_total"] == 1, 5, what="the next one delivered")
+        assert hook.health()["failed_total"] == 1
+        assert json.loads(receiver.posts[0][1])["summary"] == "after"
+    finally:
+        hook.close()

@@ -160,7 +160,13 @@ class Webhook:
                 if self._stopping:
                     return
                 notification = self._queue[0]
-            delivered = self._deliver(notification)
+            try:
+                delivered = self._deliver(notification)
+            except Exception as exc:  # a bug or an unencodable value: the sender must live on
+                log.error("webhook: notification not sendable, dropped: %r", exc)
+                with self._cond:
+                    self._error = f"notification not sendable: {exc!r}"[:200]
+                delivered = False
             with self._cond:
                 if self._queue and self._queue[0] is notification:
                     self._queue.popleft()
@@ -209,7 +215,7 @@ class Webhook:
             if 200 <= response.status < 300:
                 return None
             return f"HTTP {response.status} {response.reason}"[:200]
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, ValueError) as exc:
             return f"{type(exc).__name__}: {exc}"[:200]
         finally:
             conn.close()
