@@ -494,3 +494,30 @@ def test_a_duplicate_id_holds_for_exactly_its_hold_and_logs_every_ten_minutes(re
     assert registry.flag_duplicate_id(node, "10.0.0.9") is False
     clock.now = 1000.0 + every
     assert registry.flag_duplicate_id(node, "10.0.0.9") is True
+
+
+def test_a_state_change_or_a_join_is_seen_by_the_alert_rules(registry, clock):
+    registry.register("n1", "basic", "a", {}, Conn())
+    assert registry.changed == {"n1"}
+    registry.changed.clear()
+    clock.now += 3.0
+    registry.sweep()
+    assert registry.changed == {"n1"}  # alive -> suspect
+
+
+def test_a_row_loaded_twice_leaves_only_its_last_name(registry):
+    registry.load([{"node_id": "n1", "details": {"hostname": "old-name"}}])
+    registry.load([{"node_id": "n1", "details": {"hostname": "new-name"}}])
+    assert registry.find("old-name") == []
+    assert [node.node_id for node in registry.find("new-name")] == ["n1"]
+
+
+def test_another_process_holds_an_id_until_exactly_suspect_after_of_silence(registry, clock):
+    registry.register("n1", "basic", "a", {}, Conn(), instance="first")
+    assert registry.holder("n1", "first") is None  # the same process reconnecting
+    assert registry.holder("n1", None) is None  # a slave without a token never conflicts
+    assert registry.holder("n1", "copy") is registry.nodes["n1"]
+    clock.now += 2.5
+    assert registry.holder("n1", "copy") is registry.nodes["n1"]
+    clock.now += 0.125
+    assert registry.holder("n1", "copy") is None  # silent too long: the id is taken back
