@@ -189,6 +189,24 @@ def test_handshake_sends_a_hello_that_proves_the_secret(pair):
     assert len(hello["nonce"]) == 32 and int(hello["nonce"], 16) >= 0
     assert hello["mac"] == p.hello_mac(SECRET, "SN", hello["nonce"], "slave", "n1", "basic")
     assert hello["details"] == {"hostname": "pi"}  # the key the master would refuse is dropped
+    assert "instance" not in hello
+
+
+def test_handshake_sends_the_process_instance_when_given(pair):
+    ours, theirs = pair
+    result = {}
+
+    def master() -> None:
+        p.send_frame(ours, p.make(p.CHALLENGE, protocol=2, nonce="SN"))
+        result["hello"] = p.recv_message(ours)
+        p.send_frame(ours, p.make(p.ERROR, code=p.E_AUTH_FAILED, message="no"))
+
+    thread = threading.Thread(target=master, daemon=True)
+    thread.start()
+    with pytest.raises(p.ProtocolError):
+        handshake(theirs, instance="proc-42")
+    thread.join(5)
+    assert result["hello"]["instance"] == "proc-42"
 
 
 def test_handshake_without_details_sends_none(pair):
