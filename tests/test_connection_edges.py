@@ -534,7 +534,9 @@ def test_a_history_read_that_fails_is_an_internal_reply(master, cluster_secret, 
         "error": {"code": p.E_INTERNAL, "message": "history could not be read"},
     }
     assert counters(master)["failed_queries_total"] == 1
-    assert lines(caplog, "history of node n1 could not be read: disk gone")
+    assert lines(caplog, "could not be read") == ["history of node n1 could not be read: disk gone"]
+    assert query(sock, 8, "history", node_id="n1")["ok"] is False
+    assert counters(master)["failed_queries_total"] == 2
     slave.close()
     sock.close()
 
@@ -592,3 +594,167 @@ def test_replies_are_not_delayed_by_nagle(master, cluster_secret):
     server_side = conn.transport.get_extra_info("socket")
     assert server_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     sock.close()
+
+
+# ------------------------------------------------ what the first mutation run found
+
+
+def test_every_eviction_is_counted(master_factory):
+    master = master_factory(cluster=QUIET, master={"max_unauthenticated": 1})
+    socks = [stranger(master)[0] for _ in range(3)]
+    wait_for(lambda: counters(master)["connections_evicted_total"] == 2, what="two evictions")
+    for sock in socks:
+        sock.close()
+
+
+def test_an_evicted_connection_writes_nothing_more(master):
+    conn = Connection(master)
+    transport = RecordingTransport(("10.4.4.4", 1))
+    on_loop(master, lambda: (master.admission.admit(conn, ""), conn.connection_made(transport)))
+    sent = len(transport.written)
+    on_loop(master, conn.evict)
+    assert transport.aborted and conn.closed
+    on_loop(master, lambda: conn.close(p.E_BAD_MESSAGE, "too late"))
+    assert len(transport.written) == sent
+    on_loop(master, lambda: conn.connection_lost(None))
+
+
+def test_a_hello_without_mac_cuts_a_long_role_to_40_characters(master, caplog):
+    caplog.set_level(logging.WARNING, logger="rpicluster.master")
+    sock, _ = stranger(master)
+    p.send_frame(
+        sock, p.make(p.HELLO, protocol=2, kind="slave", node_id="n", role="r" * 60, nonce="n")
+    )
+    p.recv_message(sock)
+    assert f"(node_id='n' role='{'r' * 40}')" in lines(caplog, "hello carries no mac")[0]
+    sock.close()
+
+
+def test_a_copied_card_is_refused_and_named_in_one_log_line(master, cluster_secret, caplog):
+    caplog.set_level(logging.WARNING, logger="rpicluster.master")
+    first = socket.create_connection(("127.0.0.1", master.port), timeout=5)
+    p.client_handshake(
+        first,
+        cluster_secret,
+        kind="slave",
+        node_id="n1",
+        role="basic",
+        details={"hostname": "pi-a"},
+        instance="process-a",
+    )
+    copies = []
+    for hostname in ("pi-b", None):
+        copy = socket.create_connection(("127.0.0.1", master.port), timeout=5)
+        details = {"hostname": hostname} if hostname else {}
+        with pytest.raises(p.ProtocolError) as info:
+            p.client_handshake(
+                copy,
+                cluster_secret,
+                kind="slave",
+                node_id="n1",
+                role="basic",
+                details=details,
+                instance="process-b",
+            )
+        assert info.value.code == p.E_DUPLICATE_ID
+        assert info.value.message == (
+            "node id n1 is in use by another machine at 127.0.0.1 (hostname pi-a): a copied SD"
+            " card? Delete node_id in the slave's state_dir on one of the two Pis and restart"
+            " its rpicluster-slave"
+        )
+        copies.append(copy)
+    assert lines(caplog, "a copied SD card?") == [
+        "node id n1 is claimed by 127.0.0.1 (hostname pi-b) while 127.0.0.1 (hostname pi-a)"
+        " holds it: a copied SD card? refused with duplicate_id (1 refusals so far)"
+    ]
+    for sock in [first, *copies]:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "message"),
+    [
+        ({}, p.E_BAD_MESSAGE, "query forget needs a field 'node': a name of 1..{MAX}"),
+        (
+            {"node": "n1", "force": 1},
+            p.E_BAD_MESSAGE,
+            "query forget field 'force' must be true or false",
+        ),
+        ({"node": "nobody"}, p.E_NOT_FOUND, "no node 'nobody'"),
+        (
+            {"node": "n1"},
+            p.E_CONNECTED,
+            "node n1 (n1) is connected: stop its slave first, or force",
+        ),
+    ],
+)
+def test_forget_refusals_are_named(master, cluster_secret, fields, code, message):
+    from rpicluster import memberdata as md
+
+    slave = join(master, cluster_secret)
+    client = join(master, cluster_secret, kind="client")
+    reply = query(client, 1, "forget", **fields)
+    assert reply["error"] == {"code": code, "message": message.replace("{MAX}", str(md.MAX_STRING))}
+    slave.close()
+    client.close()
+
+
+def test_only_a_client_may_forget(master, cluster_secret):
+    slave = join(master, cluster_secret)
+    reply = query(slave, 1, "forget", node="n1")
+    assert reply["error"] == {
+        "code": p.E_BAD_MESSAGE,
+        "message": "only a client connection may ask forget",
+    }
+    slave.close()
+
+
+def test_an_ambiguous_name_lists_eight_ids_at_most(master, cluster_secret):
+    slaves = [
+        join(master, cluster_secret, f"id-{i}", details={"hostname": "same"}) for i in range(9)
+    ]
+    client = join(master, cluster_secret, kind="client")
+    reply = query(client, 1, "forget", node="same", force=True)
+    ids = ", ".join(f"id-{i}" for i in range(8))
+    assert reply["error"] == {
+        "code": p.E_AMBIGUOUS,
+        "message": f"9 nodes are named 'same' ({ids}): give the node id",
+    }
+    for sock in slaves + [client]:
+        sock.close()
+
+
+def test_a_forced_forget_says_who_asked(master, cluster_secret, caplog):
+    caplog.set_level(logging.INFO, logger="rpicluster.master")
+    slave = join(master, cluster_secret)
+    client = join(master, cluster_secret, node_id="operator", kind="client")
+    reply = query(client, 1, "forget", node="n1", force=True)
+    assert reply["data"]["connections_closed"] == 1
+    assert lines(caplog, "forgotten (") == [
+        "node n1 forgotten (forgotten by node_id=operator role=basic kind=client);"
+        " 1 connection(s) closed"
+    ]
+    slave.close()
+    client.close()
+
+
+def test_history_replies_fill_half_a_frame(master_factory, cluster_secret):
+    import json
+
+    master = master_factory(cluster={**QUIET, "max_frame_size": 16384})
+    slave = join(master, cluster_secret, role="vitals")
+    now = round(time.time())
+    vitals = [{"ts": now + i, **{f"k{k}": 1.25 for k in range(8)}} for i in range(120)]
+    clock = master.clock = master.registry.clock = FakeClock(time.monotonic())
+    for start in range(0, 120, 30):  # 30 reports, then 2 s for the bucket to refill
+        for point in vitals[start : start + 30]:
+            p.send_frame(slave, p.make(p.VITALS, vitals=point))
+        roundtrip(slave, start)
+        clock.now += 2.0
+    size = len(json.dumps(vitals[0]))
+    fits = (16384 // 2 - 2) // (size + 1)
+    client = join(master, cluster_secret, kind="client")
+    reply = query(client, 1, "history", node_id="n1")
+    assert len(reply["data"]["points"]) == fits and reply["data"]["more"] is True
+    slave.close()
+    client.close()
