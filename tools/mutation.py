@@ -73,7 +73,13 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     ),
     "config": (
         "rpicluster/config.py",
-        ["tests/test_config.py", "tests/test_config_edges.py"],
+        [
+            "tests/test_config.py",
+            "tests/test_config_edges.py",
+            "tests/test_alerts.py",
+            "tests/test_names.py",
+            "tests/test_tls.py",
+        ],
     ),
     "registry": (
         "rpicluster/master/registry.py",
