@@ -398,3 +398,64 @@ def test_load_config_names_the_file_in_every_fault(tmp_path):
     cluster_only.write_text(f"[cluster]\nsecret = {SECRET}\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="needs a \\[master\\] or a \\[slave\\] section"):
         load_config(str(cluster_only))
+
+
+# ----------------------------------------- sections added since (alerts, login, names)
+
+
+@pytest.mark.parametrize("word", ["yes", "true", "on", "1", "TRUE", "On"])
+def test_an_alert_flag_says_yes_in_four_ways(word):
+    alerts = parse(alerts={"dead": word, "power": word, "store": word}).alerts
+    assert (alerts.dead, alerts.power, alerts.store) == (True, True, True)
+
+
+@pytest.mark.parametrize("word", ["no", "false", "off", "0", "NO", "Off"])
+def test_an_alert_flag_says_no_in_four_ways(word):
+    alerts = parse(alerts={"dead": word, "power": word, "store": word}).alerts
+    assert (alerts.dead, alerts.power, alerts.store) == (False, False, False)
+
+
+def test_alert_flags_default_to_yes_and_refuse_anything_else():
+    alerts = parse(alerts={}).alerts
+    assert (alerts.dead, alerts.power, alerts.store) == (True, True, True)
+    assert refusal(alerts={"power": "maybe"}) == (
+        "edge.cfg: [alerts] power: 'maybe' is not yes or no"
+    )
+
+
+def test_the_dashboard_login_needs_both_settings():
+    from rpicluster.web.auth import hash_password
+
+    good = hash_password("secret", iterations=10000)
+    assert refusal(webserver={"login_user": "admin"}) == (
+        "edge.cfg: [webserver] login_password_hash: is required when the other login setting is set"
+    )
+    assert refusal(webserver={"login_password_hash": good}) == (
+        "edge.cfg: [webserver] login_user: is required when the other login setting is set"
+    )
+    for user in ("ad:min", "ad\x7fmin"):
+        assert refusal(webserver={"login_user": user, "login_password_hash": good}) == (
+            "edge.cfg: [webserver] login_user: must be printable and hold no ':'"
+        )
+    webserver = parse(webserver={"login_user": "admin", "login_password_hash": good}).webserver
+    assert (webserver.login_user, webserver.login_password_hash) == ("admin", good)
+
+
+def test_groups_are_64_at_most_and_named_cut_to_40_characters():
+    groups = ", ".join(f"g{i}" for i in range(64))
+    assert len(parse(slave={"groups": groups}).slave.groups) == 64
+    assert refusal(slave={"groups": groups + ", g64"}) == (
+        "edge.cfg: [slave] groups: lists 65 groups, more than 64"
+    )
+    long = "x" * 300
+    assert refusal(slave={"groups": long}).startswith(
+        f"edge.cfg: [slave] groups: group {'x' * 40!r} "
+    )
+
+
+def test_a_node_name_is_named_cut_to_40_characters_when_wrong():
+    long = "n" * 300
+    assert refusal(slave={"node_name": long}).startswith(
+        f"edge.cfg: [slave] node_name: {'n' * 40!r} "
+    )
+    assert parse(slave={"node_name": "  "}).slave.node_name is None

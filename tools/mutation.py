@@ -211,6 +211,19 @@ def refresh_tests(module: str) -> list[str]:
     for name in SUPPORT + tests:
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, work / name)
+    # The rest of the package as it is today too (the tests may use what it gained),
+    # in the copy and in mutmut's tree, where only the module itself is mutated.
+    for path in (ROOT / "rpicluster").rglob("*.py"):
+        name = str(path.relative_to(ROOT))
+        if name != source:
+            for target in (work / name, work / "mutants" / name):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+    for name in EXTRA:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, work / name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(ROOT / name, work / name)
     previous = statuses(module)
     return sorted(name for name, status in previous.items() if status not in KILLED)
 
