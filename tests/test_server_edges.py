@@ -779,3 +779,12 @@ def test_cluster_state_hands_back_an_error_of_the_loop(master_factory, monkeypat
     monkeypatch.setattr(master, "master_dict", broken)
     with pytest.raises(RuntimeError, match="view broken"):
         master.cluster_state()
+
+
+def test_forgetting_an_unknown_node_closes_nothing_and_says_why(master_factory, caplog):
+    master = master_factory(cluster=QUIET)
+    caplog.set_level(logging.INFO, logger="rpicluster.master")
+    assert on_loop(master, lambda: master.forget_node("nobody", "operator's request")) == 0
+    assert "node nobody forgotten (operator's request); 0 connection(s) closed" in messages(
+        caplog, "forgotten ("
+    )

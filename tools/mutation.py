@@ -44,6 +44,7 @@ SERVER_TESTS = [
     "tests/test_master.py",
     "tests/test_adversarial_master.py",
     "tests/test_tls.py",
+    "tests/test_alerts.py",
 ]
 CONNECTION_TESTS = [
     "tests/test_connection_edges.py",
