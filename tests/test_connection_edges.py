@@ -198,9 +198,10 @@ def test_refused_notices_come_at_most_once_a_second_with_the_count(
     assert [n["count"] for n in notices(sock, 3)] == [4]
     logged = lines(caplog, "action_error count must be >= 0")
     assert len(logged) == 2
-    assert (
-        logged[0].startswith("peer 127.0.0.1:")
-        and "(node_id=n1 role=basic kind=slave)" in (logged[0])
+    port = sock.getsockname()[1]
+    assert logged[0] == (
+        f"peer 127.0.0.1:{port} (node_id=n1 role=basic kind=slave):"
+        " bad_action_error: action_error count must be >= 0"
     )
     sock.close()
 
@@ -758,3 +759,45 @@ def test_history_replies_fill_half_a_frame(master_factory, cluster_secret):
     assert len(reply["data"]["points"]) == fits and reply["data"]["more"] is True
     slave.close()
     client.close()
+
+
+def test_fit_node_keeps_a_node_of_exactly_the_budget_whole():
+    import json
+
+    from rpicluster.master.connection import fit_node
+
+    node = {
+        "node_id": "n",
+        "roles": ["basic"],
+        "details": {"k": "v" * 50},
+        "vitals": {"t": 1},
+        "action_errors": {"basic": {"count": 1, "last": "x" * 50}},
+    }
+    whole = json.dumps(node)
+    assert fit_node(node, len(whole)) == whole
+    stub = json.loads(fit_node(node, len(whole) - 1))
+    assert stub == {
+        "node_id": "n",
+        "roles": ["basic"],
+        "details": {},
+        "vitals": None,
+        "action_errors": {},
+        "truncated": True,
+    }
+    assert fit_node(node, len(json.dumps(stub))) == json.dumps(stub)
+    bare = json.loads(fit_node(node, len(json.dumps(stub)) - 1))
+    assert bare["roles"] == [] and bare["truncated"] is True
+
+
+def test_a_silent_stranger_is_told_the_handshake_limit_exactly(master, caplog):
+    caplog.set_level(logging.WARNING)
+    sock, _ = stranger(master)
+    error = p.recv_message(sock)
+    assert (error["code"], error["message"]) == (
+        p.E_HANDSHAKE_TIMEOUT,
+        f"no valid hello within {master.config.cluster.handshake_timeout:g} s",
+    )
+    wait_for(lambda: counters(master)["connections_open"] == 0, what="the stranger closed")
+    sock.close()
+    assert counters(master)["handshake_timeouts_total"] == 1
+    assert not [r for r in caplog.records if r.name == "asyncio"]  # connection_lost was clean
