@@ -60,6 +60,11 @@ BOUNDS = [
     ("slave", "vitals_interval", 0.05, 3600, float),
     ("webserver", "refresh_interval", 0.1, 3600, float),
     ("webserver", "history_window", 1.0, None, float),
+    ("alerts", "webhook_timeout", 0.1, 60, float),
+    ("alerts", "hold", 0.0, 86400, float),
+    ("alerts", "suspect_for", 0.0, 86400, float),
+    ("alerts", "temperature", 0.0, 200, float),
+    ("alerts", "disk_free_percent", 0.0, 100, float),
 ]
 
 
@@ -91,7 +96,7 @@ def test_each_bound_is_inclusive(section, key, low, high, kind):
 
 @pytest.mark.parametrize(("section", "key", "low", "high", "kind"), BOUNDS)
 def test_each_bound_refuses_the_value_just_past_it(section, key, low, high, kind):
-    step = 1 if kind is int else low / 10
+    step = 1 if kind is int else (low / 10 if low else 0.5)
     upper = "" if high is None else f" and at most {high:g}"
     below = low - step if kind is int else round(low - step, 6)
     message = refusal(**with_key(section, key, below))
@@ -459,3 +464,22 @@ def test_a_node_name_is_named_cut_to_40_characters_when_wrong():
         f"edge.cfg: [slave] node_name: {'n' * 40!r} "
     )
     assert parse(slave={"node_name": "  "}).slave.node_name is None
+
+
+def test_the_alert_webhook_must_be_an_http_url_with_a_host():
+    from rpicluster.config import WEBHOOK_FORMATS
+
+    alerts = parse(alerts={"webhook_url": "http://hooks.local:8080/x"}).alerts
+    assert alerts.webhook_url == "http://hooks.local:8080/x" and alerts.webhook_format == "json"
+    assert parse(alerts={"webhook_url": "https://h/x"}).alerts.webhook_url == "https://h/x"
+    for url in ("ftp://h/x", "http:///x"):
+        assert refusal(alerts={"webhook_url": url}) == (
+            "edge.cfg: [alerts] webhook_url: must be an http:// or https:// URL with a host"
+        )
+    assert refusal(alerts={"webhook_url": "http://h:99999/x"}) == (
+        "edge.cfg: [alerts] webhook_url: has an invalid port"
+    )
+    assert parse(alerts={"webhook_format": "TEXT"}).alerts.webhook_format == "text"
+    assert refusal(alerts={"webhook_format": "xml"}) == (
+        f"edge.cfg: [alerts] webhook_format: 'xml' is not one of {', '.join(WEBHOOK_FORMATS)}"
+    )
