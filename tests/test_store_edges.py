@@ -55,8 +55,9 @@ def store(state_dir: Path):
 def written(store: Store) -> bool:
     """Everything handed over is in the file (the writer answers a read after it)."""
     done = threading.Event()
-    store.read(lambda conn: None, lambda result: done.set())
-    return done.wait(10)
+    answers: list[Any] = []
+    store.read(lambda conn: "read", lambda result: (answers.append(result), done.set()))
+    return done.wait(10) and answers == ["read"]
 
 
 # ------------------------------------------------------------------- helpers
@@ -542,22 +543,30 @@ def test_a_node_is_trimmed_to_its_cap_at_its_first_points_and_every_512_after(
     store.close()
 
 
-def test_the_store_survives_a_writer_bug_and_retries(store, state_dir, monkeypatch, caplog):
+def test_the_store_survives_a_writer_bug_and_retries(state_dir, monkeypatch, caplog):
+    store = Store(str(state_dir), FOREVER)
     calls = collections.Counter()
     real = store._transaction
+    bug = KeyError("b" * 300)
 
     def buggy(batch, prune):
         calls["n"] += 1
         if calls["n"] == 1:
-            raise KeyError("bug")
+            raise bug
         return real(batch, prune)
 
     monkeypatch.setattr(store, "_transaction", buggy)
-    monkeypatch.setattr(s, "RETRY_MIN", 0.01)
+    monkeypatch.setattr(s, "RETRY_MIN", 60.0)  # the retry waits: the error stays to be seen
+    store.start()
     store.save_nodes([node_row("a")])
-    wait_for(lambda: db_rows(state_dir, "SELECT node_id FROM nodes") == [("a",)])
-    assert any("unexpected failure writing a batch" in r.getMessage() for r in caplog.records)
-    assert store.health()["ok"] is True
+    wait_for(lambda: calls["n"] == 1, what="the buggy write")
+    wait_for(lambda: store.health()["error"] is not None, what="the error reported")
+    assert store.health()["error"] == f"unexpected failure: {bug!r}"[:200]
+    assert f"{store.path}: unexpected failure writing a batch" in [
+        r.getMessage() for r in caplog.records
+    ]
+    store.close()  # saves the row that failed
+    assert db_rows(state_dir, "SELECT node_id FROM nodes") == [("a",)]
 
 
 # ----------------------------------------------- what the first mutation run found
@@ -885,11 +894,16 @@ def test_the_trim_count_adds_up_over_batches(state_dir, monkeypatch):
     store.close()
 
 
-def test_repair_and_refusal_totals_add_up_over_batches(store):
+def test_repair_and_refusal_totals_add_up_over_batches(store, caplog):
+    caplog.set_level(logging.WARNING)
     store.save_nodes([node_row("s")[:1] + ("pi\ud800",) + node_row("x")[2:]])
     assert written(store)
     store.save_nodes([node_row("huge", last_seen=2**70)])
     assert written(store)
+    assert rows_logged(caplog)[-1] == (
+        f"{store.path}: 0 rows repaired (invalid UTF-8 replaced), 1 refused"
+        " (first: OverflowError: Python int too large to convert to SQLite INTEGER)"
+    )
     store.save_nodes([node_row("fine")])
     assert written(store)
     assert (store.repaired_total, store.rejected_total) == (1, 1)
