@@ -55,6 +55,7 @@ BOUNDS = [
     ("master", "max_connections", 16, 1000000, int),
     ("master", "max_unauthenticated", 1, 65536, int),
     ("master", "max_unauthenticated_per_address", 1, 65536, int),
+    ("master", "metrics_port", 0, 65535, int),
     ("slave", "reconnect_base", 0.01, 60, float),
     ("slave", "reconnect_cap", 0.01, 3600, float),
     ("slave", "vitals_interval", 0.05, 3600, float),
@@ -423,9 +424,10 @@ def test_an_alert_flag_says_no_in_four_ways(word):
 def test_alert_flags_default_to_yes_and_refuse_anything_else():
     alerts = parse(alerts={}).alerts
     assert (alerts.dead, alerts.power, alerts.store) == (True, True, True)
-    assert refusal(alerts={"power": "maybe"}) == (
-        "edge.cfg: [alerts] power: 'maybe' is not yes or no"
-    )
+    for key in ("dead", "power", "store"):
+        assert refusal(alerts={key: "maybe"}) == (
+            f"edge.cfg: [alerts] {key}: 'maybe' is not yes or no"
+        )
 
 
 def test_the_dashboard_login_needs_both_settings():
