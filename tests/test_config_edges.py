@@ -123,6 +123,9 @@ def test_ports_are_1_to_65535():
         assert f"[slave] socket_port: {port} is not a valid port (1-65535)" in refusal(
             slave={"socket_port": port}
         )
+    assert refusal(master={"socket_port": 0}) == (
+        "edge.cfg: [master] socket_port: 0 is not a valid port (1-65535)"
+    )
     assert "[webserver] webserver_port: 'x' is not a port number" in refusal(
         webserver={"webserver_port": "x"}
     )
