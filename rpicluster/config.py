@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import difflib
+import ipaddress
 import math
 import re
 import urllib.parse
@@ -475,6 +476,35 @@ def _read_tls(r: _Reader) -> Optional[TlsSettings]:
     return settings
 
 
+def is_loopback(address: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``: traffic that never leaves the machine."""
+    if address.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip()).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_plain_is_local(
+    r: _Reader, master: Optional[MasterSettings], slave: Optional[SlaveSettings]
+) -> None:
+    """Without [tls] the HMAC proves membership only: allowed on loopback alone.
+
+    The one-machine quick start keeps working unchanged; a fleet on a network
+    needs the cluster CA (docs/protocol.md sections 13 and 14).
+    """
+    hint = (
+        "is not a loopback address and there is no [tls] section: a fleet on a network"
+        " needs TLS with the cluster CA (the Ansible roles set it up; docs/deploy.md),"
+        " the plain protocol is for one machine only (127.0.0.1)"
+    )
+    if master is not None and not is_loopback(master.socket_bind_ip):
+        raise r.error("master", "socket_bind_ip", f"{master.socket_bind_ip} {hint}")
+    if slave is not None and not is_loopback(slave.master_ip):
+        raise r.error("slave", "master_ip", f"{slave.master_ip} {hint}")
+
+
 def _check_known_keys(r: _Reader) -> None:
     """A misspelt key in a known section is an error, not a silently ignored line."""
     known = {
@@ -496,8 +526,14 @@ def _check_known_keys(r: _Reader) -> None:
                 raise r.error(section, key, f"is not a known setting{hint}")
 
 
-def parse_config(text: str, path: str = "<string>", *, need: str = "any") -> Config:
-    """Validate config ``text``; ``need`` is ``master``, ``slave`` or ``any``."""
+def parse_config(
+    text: str, path: str = "<string>", *, need: str = "any", plain_local_only: bool = False
+) -> Config:
+    """Validate config ``text``; ``need`` is ``master``, ``slave`` or ``any``.
+
+    ``plain_local_only`` (what :func:`load_config`, so every program, asks):
+    without ``[tls]`` the master's address must be loopback.
+    """
     parser = configparser.ConfigParser(interpolation=None)
     try:
         parser.read_string(text, source=path)
@@ -513,6 +549,9 @@ def parse_config(text: str, path: str = "<string>", *, need: str = "any") -> Con
     slave = _read_slave(r) if parser.has_section("slave") else None
     if need == "any" and master is None and slave is None:
         raise ConfigError(path, None, None, "needs a [master] or a [slave] section")
+    tls = _read_tls(r)
+    if tls is None and plain_local_only:
+        _check_plain_is_local(r, master, slave)
     return Config(
         path=path,
         cluster=cluster,
@@ -521,7 +560,7 @@ def parse_config(text: str, path: str = "<string>", *, need: str = "any") -> Con
         webserver=_read_webserver(r),
         raw=parser,
         alerts=_read_alerts(r),
-        tls=_read_tls(r),
+        tls=tls,
     )
 
 
@@ -536,4 +575,4 @@ def load_config(path: str = DEFAULT_CONFIG_PATH, *, need: str = "any") -> Config
         raise ConfigError(path, None, None, problem) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(path, None, None, f"cannot read: {exc}") from None
-    return parse_config(text, path, need=need)
+    return parse_config(text, path, need=need, plain_local_only=True)

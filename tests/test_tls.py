@@ -23,7 +23,7 @@ import pytest
 from rpicluster import protocol as p
 from rpicluster import tls as tlsmod
 from rpicluster.client import ClientError, MasterClient
-from rpicluster.config import ConfigError
+from rpicluster.config import ConfigError, load_config
 from rpicluster.master import Master
 from rpicluster.slave import RpiBasicSlaveThread
 from tests.conftest import TEST_CLUSTER, TEST_SECRET
@@ -357,6 +357,44 @@ def test_certificate_info_reads_name_and_expiry(pki):
     (info,) = tlsmod.certificate_info(pki["pi-a"].cert_file)
     assert info["name"] == "pi-a"
     assert 364 < tlsmod.days_left(info["not_after"]) <= 366
+
+
+# ------------------------------------------------- the quick start rule
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "address"),
+    [
+        ("master", "socket_bind_ip", "0.0.0.0"),
+        ("master", "socket_bind_ip", "192.0.2.10"),
+        ("slave", "master_ip", "192.0.2.10"),
+        ("slave", "master_ip", "rpi-master.local"),
+    ],
+)
+def test_a_plain_config_on_a_network_address_is_refused(tmp_path, pki, section, key, address):
+    text = f"[cluster]\nsecret = {TEST_SECRET}\n[{section}]\n{key} = {address}\n"
+    path = tmp_path / "rpicluster.cfg"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"\[{section}\] {key}: {address} is not a loopback"):
+        load_config(str(path))
+    # With [tls] the same address is fine.
+    tls = "".join(f"{k} = {v}\n" for k, v in tls_section(pki["pi-a"]).items())
+    path.write_text(text + "[tls]\n" + tls)
+    assert load_config(str(path)).tls == pki["pi-a"]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.1.1", "::1", "localhost"])
+def test_a_plain_config_on_loopback_runs_as_before(tmp_path, address):
+    path = tmp_path / "rpicluster.cfg"
+    path.write_text(f"[cluster]\nsecret = {TEST_SECRET}\n[slave]\nmaster_ip = {address}\n")
+    assert load_config(str(path)).tls is None
+
+
+def test_the_quick_start_configs_load_unchanged():
+    local = Path(__file__).resolve().parent.parent / "examples" / "local"
+    for path in sorted(local.glob("*.cfg")):
+        config = load_config(str(path))
+        assert config.tls is None
 
 
 # ------------------------------------------- days to expiry: status and dashboard
