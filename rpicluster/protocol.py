@@ -81,6 +81,7 @@ E_VITALS_RATE = "vitals_rate_limited"
 E_BAD_ACTION_ERROR = "bad_action_error"
 E_INTERNAL = "internal"
 E_CONNECTED = "connected"  # forget refused: the node is connected (ask with force)
+E_FORBIDDEN = "forbidden"  # with TLS: forget from a credential other than the master's
 E_AMBIGUOUS = "ambiguous"  # forget refused: several nodes have that name (use the node id)
 
 # Required fields and their JSON types, per message type (``type`` itself excluded).

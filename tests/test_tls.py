@@ -575,3 +575,18 @@ def _address(web: Any) -> Any:
         return web.web_address
     except RuntimeError:
         return None
+
+
+def test_only_the_masters_credential_may_forget(tls_master, tmp_path, pki, slaves):
+    from rpicluster.client import QueryFailed
+
+    slave = slave_for(tls_master, tmp_path, "b", pki["pi-b"])
+    slaves.append(slave)
+    wait_for(lambda: (n := node(tls_master, slave.node_id)) and n["state"] == "alive")
+    with MasterClient("127.0.0.1", tls_master.port, TEST_SECRET, tls=pki["pi-a"]) as client:
+        with pytest.raises(QueryFailed) as refused:
+            client.forget("pi-b", force=True)
+        assert refused.value.code == "forbidden" and "master's own credential" in str(refused.value)
+        assert len(client.cluster_state()["nodes"]) == 1  # reading is allowed
+    with MasterClient("127.0.0.1", tls_master.port, TEST_SECRET, tls=pki["master"]) as client:
+        assert client.forget("pi-b", force=True)["node_id"] == slave.node_id

@@ -676,6 +676,14 @@ class Connection(asyncio.BufferedProtocol):
         """
         if self.kind != p.KIND_CLIENT:
             raise _QueryError(p.E_BAD_MESSAGE, "only a client connection may ask forget")
+        own = self.master.tls_status.get("name")
+        if self.tls is not None and self.identity != own:
+            # A Pi's credential may read the cluster, not remove its peers.
+            raise _QueryError(
+                p.E_FORBIDDEN,
+                f"forget needs the master's own credential ({own!r}), not {self.identity!r}:"
+                " run it on the master",
+            )
         wanted = message.get("node")
         force = message.get("force", False)
         if not isinstance(wanted, str) or md.check_name(wanted, md.MAX_STRING):
