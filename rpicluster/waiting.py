@@ -185,7 +185,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     def fetch() -> list[dict[str, Any]]:
         if not held:  # (re)connect: the master may be restarting during a deploy
-            client = MasterClient(host, port, config.cluster.secret, timeout=args.query_timeout)
+            client = MasterClient(
+                host, port, config.cluster.secret, timeout=args.query_timeout, tls=config.tls
+            )
             held.append(client.connect())
         try:
             return held[0].cluster_state()["nodes"]

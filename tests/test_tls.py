@@ -431,6 +431,26 @@ def test_status_shows_the_days_to_expiry(tls_master, tmp_path, pki, slaves, caps
     assert [n["tls"]["name"] for n in state["nodes"]] == ["pi-a"]
 
 
+def test_wait_and_forget_speak_tls_with_the_config(tls_master, tmp_path, pki, slaves, capsys):
+    """Every command reads [tls] from the config: status, wait, forget."""
+    from rpicluster.cli import main
+
+    slave = slave_for(tls_master, tmp_path, "a", pki["pi-a"])
+    slaves.append(slave)
+    config = tmp_path / "master.cfg"
+    tls = "".join(f"{k} = {v}\n" for k, v in tls_section(pki["master"]).items())
+    config.write_text(
+        f"[cluster]\nsecret = {TEST_SECRET}\n[master]\nsocket_bind_ip = 127.0.0.1\n"
+        f"socket_port = {tls_master.port}\nstate_dir = {tmp_path / 'unused'}\n[tls]\n{tls}"
+    )
+    assert main(["wait", "--config", str(config), "--nodes", "pi-a", "--timeout", "20"]) == 0
+    slave.stop()
+    slave.join(5)
+    assert main(["wait", "--config", str(config), "--nodes", "pi-a", "--state", "left"]) == 0
+    assert main(["forget", "pi-a", "--config", str(config)]) == 0
+    assert "forgot node pi-a" in capsys.readouterr().out
+
+
 def test_the_dashboard_shows_the_certificates():
     from rpicluster.web import dashboard
     from rpicluster.web.state import ClusterState
