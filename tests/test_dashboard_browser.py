@@ -163,8 +163,12 @@ def test_dashboard_in_chromium_shows_every_node_with_plots(browser, web_cluster,
     # The node page: large plots and details.
     node_id = web_cluster.slaves[0].node_id
     browser.get(f"{web_cluster.base}/nodes/{node_id}")
-    widths = browser.execute_script(READ_FIGURES)
-    assert len(widths) == 5 and all(w >= 400 for w in widths), widths
+    # The plots are drawn by the page's script after it loads: await them.
+    widths = wait_for(
+        lambda: (w := browser.execute_script(READ_FIGURES)) and len(w) == 5 and w,
+        what="the node page's five plots",
+    )
+    assert all(w >= 400 for w in widths), widths
     assert node_id in browser.page_source
     browser.save_screenshot(str(ARTIFACTS / "node.png"))
     # No Content-Security-Policy violation or script error on any page we loaded.

@@ -147,11 +147,18 @@ def free_port() -> int:
 
 @pytest.fixture
 def metrics_master(master_factory):
-    port = free_port()
-    master = master_factory(
-        master={"metrics_port": port},
-        alerts={"webhook_url": "http://127.0.0.1:9/never", "hold": 0},
-    )
+    # A port free a moment ago can be taken meanwhile (another process's outgoing
+    # connection gets one from the same range): try another few.
+    for attempt in range(5):
+        try:
+            master = master_factory(
+                master={"metrics_port": free_port()},
+                alerts={"webhook_url": "http://127.0.0.1:9/never", "hold": 0},
+            )
+            break
+        except OSError as exc:
+            if "already in use" not in str(exc) or attempt == 4:
+                raise
     assert master.metrics is not None
     return master
 
