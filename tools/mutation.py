@@ -17,7 +17,7 @@ docs/testing.md, section "Mutation testing": every backquoted ``rpicluster.…__
 name there is read as equivalent. Timeouts count as killed (the mutant hung a test that
 the original passes); "no tests" and "survived" count as not killed.
 
-Usage: python tools/mutation.py [--jobs N] [--again] [MODULE ...]   (default: every module)
+Usage: python tools/mutation.py [--jobs N] [--again | --report] [MODULE ...]   (default: all)
 Exit status: 0 when each module reached --target (default 90) per cent, 1 otherwise.
 """
 
@@ -122,8 +122,17 @@ class Score:
 
     @property
     def relevant(self) -> int:
-        """Mutants that some test could kill: all but the documented equivalent ones."""
-        return len(self.statuses) - len(self.equivalent & set(self.statuses))
+        """Mutants tested that some test could kill: all but the documented equivalent ones.
+
+        A run stopped early (or still going, with --report) leaves mutants "not checked":
+        they are counted apart, and the score is over the mutants tested so far.
+        """
+        tested = {name for name, status in self.statuses.items() if status != "not checked"}
+        return len(tested) - len(self.equivalent & tested)
+
+    @property
+    def untested(self) -> int:
+        return self.count("not checked")
 
     @property
     def percent(self) -> float:
@@ -134,7 +143,7 @@ class Score:
         return sorted(
             name
             for name, status in self.statuses.items()
-            if status not in KILLED and name not in self.equivalent
+            if status not in (*KILLED, "not checked") and name not in self.equivalent
         )
 
 
@@ -277,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once")
     parser.add_argument("--target", type=float, default=90.0, help="per-module goal, per cent")
     parser.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: the scores of the last runs (a run still going counts so far)",
+    )
+    parser.add_argument(
         "--again",
         action="store_true",
         help="re-test only the mutants the last run did not kill, against today's tests",
@@ -287,19 +301,22 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown module(s) {', '.join(unknown)}; known: {', '.join(MODULES)}")
     equivalent = documented_equivalents()
-    scores = [run_module(module, args.jobs, equivalent, args.again) for module in modules]
+    if args.report:
+        scores = [Score(module, statuses(module), equivalent) for module in modules]
+    else:
+        scores = [run_module(module, args.jobs, equivalent, args.again) for module in modules]
 
     print()
     print(
         f"{'module':<12} {'mutants':>7} {'equiv':>5} {'killed':>6} {'timeout':>7} "
-        f"{'survived':>8} {'no tests':>8} {'score':>7}"
+        f"{'survived':>8} {'no tests':>8} {'untested':>8} {'score':>7}"
     )
     for score in scores:
         print(
             f"{score.module:<12} {len(score.statuses):>7} "
             f"{len(score.equivalent & set(score.statuses)):>5} {score.killed:>6} "
             f"{score.count('timeout'):>7} {score.count('survived'):>8} "
-            f"{score.count('no tests'):>8} {score.percent:>6.1f}%"
+            f"{score.count('no tests'):>8} {score.untested:>8} {score.percent:>6.1f}%"
         )
     for score in scores:
         left = score.not_killed()
@@ -308,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in left:
                 print(f"  {name}: {score.statuses[name]}")
     print("\n(`mutmut show NAME` in .cache/mutation/MODULE shows a mutant's diff)")
-    return 0 if all(score.percent >= args.target for score in scores) else 1
+    return 0 if all(s.percent >= args.target and not s.untested for s in scores) else 1
 
 
 if __name__ == "__main__":
