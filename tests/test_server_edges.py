@@ -245,12 +245,17 @@ def test_a_refused_connection_is_told_why_and_counted(master_factory, caplog):
     with pytest.raises(p.DisconnectionError):
         p.recv_message(second)
     assert master.cluster_state()["master"]["counters"]["connections_refused_total"] == 1
-    assert any(
-        "refused: 1 unauthenticated connections" in line
-        for line in messages(caplog, "connection from 127.0.0.1:")
-    )
+    port = second.getsockname()[1]
+    assert messages(caplog, "refused:") == [
+        f"connection from 127.0.0.1:{port} refused:"
+        " 1 unauthenticated connections from 127.0.0.1, the limit is 1"
+    ]
+    third = socket.create_connection(("127.0.0.1", master.port), timeout=5)
+    assert p.recv_message(third)["code"] == p.E_TOO_MANY_CONNECTIONS
+    assert master.cluster_state()["master"]["counters"]["connections_refused_total"] == 2
     first.close()
     second.close()
+    third.close()
 
 
 # --------------------------------------------------------------- error limiter
@@ -790,3 +795,17 @@ def test_forgetting_an_unknown_node_closes_nothing_and_says_why(master_factory, 
     assert "node nobody forgotten (operator's request); 0 connection(s) closed" in messages(
         caplog, "forgotten ("
     )
+
+
+def test_a_clean_stop_saves_every_last_seen_time(master_factory, cluster_secret):
+    master = master_factory(cluster=QUIET)
+    state_dir = Path(master.config.master.state_dir)
+    sock, _ = join(master, cluster_secret)
+    on_loop(master, master._flush)
+    p.send_frame(sock, p.make(p.HEARTBEAT, seq=1, sent_at=1.0))
+    p.recv_message(sock)
+    master.stop()
+    expected = master.registry.to_wall(master.registry.nodes["n1"].seen)
+    with sqlite3.connect(state_dir / "rpicluster.db") as db:
+        assert db.execute("SELECT last_seen FROM nodes").fetchall() == [(expected,)]
+    sock.close()

@@ -41,6 +41,7 @@ EXTRA = ["docs", "README.md", "rpicluster.cfg.example", "bench"]
 SUPPORT = ["tests/__init__.py", "tests/conftest.py", "tests/helpers.py", "tests/tlscerts.py"]
 SERVER_TESTS = [
     "tests/test_server_edges.py",
+    "tests/test_connection_edges.py",
     "tests/test_master.py",
     "tests/test_adversarial_master.py",
     "tests/test_tls.py",
