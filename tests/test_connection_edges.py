@@ -764,7 +764,7 @@ def test_history_replies_fill_half_a_frame(master_factory, cluster_secret):
 def test_fit_node_keeps_a_node_of_exactly_the_budget_whole():
     import json
 
-    from rpicluster.master.connection import fit_node
+    from rpicluster.master.queries import fit_node
 
     node = {
         "node_id": "n",

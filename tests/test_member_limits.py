@@ -14,7 +14,7 @@ import pytest
 from rpicluster import memberdata as md
 from rpicluster import protocol as p
 from rpicluster.master.admission import Admission
-from rpicluster.master.connection import fit_node
+from rpicluster.master.queries import fit_node
 from rpicluster.master.registry import Registry
 
 

@@ -26,9 +26,11 @@ from rpicluster.config import Config
 from rpicluster.master import upkeep
 from rpicluster.master.admission import Admission
 from rpicluster.master.alerts import EVALUATE_INTERVAL, AlertEngine
-from rpicluster.master.connection import Connection, bound_identity, fit_node
+from rpicluster.master.connection import Connection
 from rpicluster.master.counters import Counters, LogLimiter
 from rpicluster.master.metrics import MetricsServer
+from rpicluster.master.peertls import bound_identity
+from rpicluster.master.queries import fit_node
 from rpicluster.master.registry import DEAD, Registry
 from rpicluster.master.store import Store
 from rpicluster.master.webhook import Webhook
