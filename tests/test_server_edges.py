@@ -21,6 +21,7 @@ import pytest
 from rpicluster import __version__
 from rpicluster import protocol as p
 from rpicluster.master import Master
+from rpicluster.master import listening as listening_module
 from rpicluster.master import server as server_module
 from rpicluster.master.connection import Connection
 from tests.helpers import wait_for
@@ -475,7 +476,7 @@ def test_stale_nodes_are_looked_for_a_tenth_of_forget_after_apart(
 def test_max_connections_fits_under_the_descriptor_limit(
     master_factory, monkeypatch, caplog, nofile, wanted, used
 ):
-    monkeypatch.setattr(server_module, "raise_nofile_limit", lambda: nofile)
+    monkeypatch.setattr(listening_module, "raise_nofile_limit", lambda: nofile)
     master = master_factory(cluster=QUIET, master={"max_connections": wanted})
     assert master.max_connections == used
     assert master.admission.max_connections == used
@@ -527,7 +528,7 @@ def test_raise_nofile_limit(monkeypatch, soft, hard, fail, result, set_to):
 
     fake = FakeResource(soft, hard, fail)
     monkeypatch.setitem(sys.modules, "resource", fake)
-    assert server_module.raise_nofile_limit() == result
+    assert listening_module.raise_nofile_limit() == result
     assert fake.set_to == set_to
 
 
@@ -535,7 +536,7 @@ def test_raise_nofile_limit_without_the_resource_module(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "resource", None)  # import fails, as off Linux
-    assert server_module.raise_nofile_limit() == 0
+    assert listening_module.raise_nofile_limit() == 0
 
 
 # ------------------------------------------------------------ sweep and forget

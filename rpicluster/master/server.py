@@ -1,25 +1,26 @@
-"""The master's server: one asyncio event loop, one ``asyncio.Protocol`` per connection.
+"""The master's lifecycle: one asyncio event loop in a thread, started, swept, stopped.
 
 Callbacks instead of a coroutine per connection or per message keep a heartbeat
 to a few tens of microseconds, which is what lets one Pi core serve 10,000
 slaves. The loop runs in a background thread so the master can be embedded in
 tests and in ``rpicluster-master`` alike; the registry is touched only from it.
+
+``Master`` is assembled from three seams: this module owns what has a lifetime
+(start, the periodic work of the loop, the clean stop that saves every row),
+``listening.py`` the listening socket and admission of new connections, and
+``views.py`` what the master tells about itself and its fleet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-import errno
-import json
 import logging
 import signal
 import socket
 import threading
 from typing import Any, Optional
 
-from rpicluster import __version__
 from rpicluster import protocol as p
 from rpicluster import tls as tlsmod
 from rpicluster.config import Config
@@ -28,16 +29,16 @@ from rpicluster.master.admission import Admission
 from rpicluster.master.alerts import EVALUATE_INTERVAL, AlertEngine
 from rpicluster.master.connection import Connection
 from rpicluster.master.counters import Counters, LogLimiter
+from rpicluster.master.listening import ACCEPT_RETRY_FIRST, Listening
 from rpicluster.master.metrics import MetricsServer
 from rpicluster.master.peertls import bound_identity
-from rpicluster.master.queries import fit_node
 from rpicluster.master.registry import DEAD, Registry
 from rpicluster.master.store import Store
+from rpicluster.master.views import ClusterViews
 from rpicluster.master.webhook import Webhook
 
 log = logging.getLogger("rpicluster.master")
 
-LISTEN_BACKLOG = 4096  # a whole fleet reconnecting at once after a master restart
 FLUSH_INTERVAL = 0.5  # seconds between two batches of changed rows to the store
 # Seconds between two batches of heartbeat times to the store. State changes are
 # written within FLUSH_INTERVAL and every time is written at a clean stop, so this
@@ -49,33 +50,9 @@ FORGET_INTERVAL = 60.0  # seconds between two looks for nodes gone longer than f
 CLOSE_TIMEOUT = 5.0  # seconds a closed connection may take to flush before it is aborted
 STALL_WARNING = 1.0  # seconds of event-loop lateness worth a warning
 READ_BUFFER = 256 * 1024  # bytes read from a socket at once, shared by all connections
-ACCEPT_BATCH = 256  # connections accepted per readiness event before other work runs
-# Out of file descriptors (EMFILE/ENFILE) or kernel memory: stop accepting for a
-# while, doubling from the first to the last delay, instead of retrying (and
-# logging) thousands of times a second as asyncio's own accept loop does.
-ACCEPT_RETRY_FIRST = 0.05
-ACCEPT_RETRY_LAST = 1.0
-FD_RESERVE = 128  # file descriptors kept for the store, logs and the like
-WANTED_NOFILE = 65536  # what the master raises its soft RLIMIT_NOFILE to (up to the hard one)
-_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
-def raise_nofile_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE towards WANTED_NOFILE; return it (0 when unknown)."""
-    try:
-        import resource
-    except ImportError:  # not on a Pi
-        return 0
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = WANTED_NOFILE if hard == resource.RLIM_INFINITY else min(WANTED_NOFILE, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-    return 0 if soft == resource.RLIM_INFINITY else int(soft)
-
-
-class Master:
+class Master(Listening, ClusterViews):
     """The rpicluster master: ``start()``, ``cluster_state()``, ``stop()``, ``run_forever()``."""
 
     def __init__(self, config: Config) -> None:
@@ -147,17 +124,7 @@ class Master:
         assert settings is not None
         self.store = Store(settings.state_dir, settings.history_window)
         rows = self.store.load_nodes()
-        nofile = raise_nofile_limit()
-        if nofile and self.max_connections > nofile - FD_RESERVE:
-            cap = max(16, nofile - FD_RESERVE)
-            log.warning(
-                "max_connections %d is above what RLIMIT_NOFILE %d allows; using %d"
-                " (raise LimitNOFILE in the unit)",
-                self.max_connections,
-                nofile,
-                cap,
-            )
-            self.max_connections = self.admission.max_connections = cap
+        self._fit_nofile()
         self.registry.load(rows)
         for node in self.registry.nodes.values():
             name = bound_identity(node)
@@ -195,12 +162,7 @@ class Master:
         assert settings is not None
         host = settings.socket_bind_ip or "0.0.0.0"
         try:
-            listener = socket.create_server(
-                (host, settings.socket_port),
-                family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                backlog=LISTEN_BACKLOG,
-            )
-            listener.setblocking(False)
+            listener = self._listen(host, settings.socket_port)
         except BaseException as exc:
             loop.close()
             ready.set_exception(
@@ -234,93 +196,6 @@ class Master:
         finally:
             listener.close()
             loop.close()
-
-    # ------------------------------------------------------------- accepting
-
-    def _accept(self) -> None:
-        """Accept a batch of connections, admitting each against the caps (admission.py)."""
-        listener = self._listener
-        if listener is None or self.stopping:
-            return
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:
-                self._accept_failed(exc)
-                return
-            self._accept_delay = ACCEPT_RETRY_FIRST
-            sock.setblocking(False)
-            address = str(addr[0]) if isinstance(addr, tuple) else ""
-            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "?"
-            reason = self.admission.refuse_reason(address)
-            if reason:
-                self.counters.connections_refused_total += 1
-                self.log_refusals(
-                    self.clock(), logging.WARNING, "connection from %s refused: %s", peer, reason
-                )
-                if self.tls_context is None:  # with TLS no frame can precede the handshake
-                    with contextlib.suppress(OSError):
-                        sock.send(p.make(p.ERROR, code=p.E_TOO_MANY_CONNECTIONS, message=reason))
-                sock.close()
-                continue
-            conn = Connection(self, address, peer)
-            victim = self.admission.admit(conn, address)
-            if victim is not None:
-                victim.evict()
-            self._serve(sock, conn, addr)
-
-    def _serve(self, sock: socket.socket, conn: Connection, addr: Any) -> None:
-        """Wrap an accepted socket in a transport for ``conn``.
-
-        asyncio's own accept loop calls the loop's ``_make_socket_transport``
-        directly; doing the same here (when the loop has it) costs no task, no
-        coroutine and no future per connection, which is what a flood of short
-        connections would otherwise spend the master's CPU on.
-        """
-        make = getattr(self.loop, "_make_socket_transport", None)
-        if make is None:
-            self.loop.create_task(self._attach(sock, conn))
-            return
-        try:
-            make(sock, conn, extra={"peername": addr})
-        except Exception as exc:  # the peer vanished in between; nothing to serve
-            log.debug("connection from %s could not be set up: %r", conn.peer, exc)
-            sock.close()
-            self.admission.release(conn)
-
-    async def _attach(self, sock: socket.socket, conn: Connection) -> None:
-        try:
-            await self.loop.connect_accepted_socket(lambda: conn, sock=sock)
-        except Exception as exc:  # the peer vanished in between; nothing to serve
-            log.debug("connection from %s could not be set up: %r", conn.peer, exc)
-            sock.close()
-            self.admission.release(conn)
-
-    def _accept_failed(self, exc: OSError) -> None:
-        listener = self._listener
-        if exc.errno not in _RESOURCE_ERRORS or listener is None:
-            self.log_refusals(self.clock(), logging.ERROR, "accept() failed: %s", exc)
-            return
-        delay = self._accept_delay
-        self._accept_delay = min(ACCEPT_RETRY_LAST, delay * 2)
-        self.counters.accept_errors_total += 1
-        self.log_refusals(
-            self.clock(),
-            logging.ERROR,
-            "cannot accept connections: %s; not accepting for %g s",
-            exc,
-            delay,
-        )
-        self.loop.remove_reader(listener.fileno())
-        self.loop.call_later(delay, self._resume_accept)
-
-    def _resume_accept(self) -> None:
-        if self._listener is not None and not self.stopping:
-            self.loop.add_reader(self._listener.fileno(), self._accept)
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         # Rate-limited: an error that repeats per connection must not flood the journal.
@@ -476,96 +351,3 @@ class Master:
 
     def _flush_last_seen(self) -> None:
         self.store.save_last_seen(self.registry.last_seen_rows())
-
-    # ---------------------------------------------------------------- views
-
-    def master_dict(self, full: bool = True) -> dict[str, Any]:
-        """The master dict; ``full`` adds counters and node counts (not in ``welcome``)."""
-        cluster = self.config.cluster
-        info: dict[str, Any] = {
-            "hostname": self.hostname,
-            "version": __version__,
-            "protocol": p.PROTOCOL_VERSION,
-            "started_at": self.started_at,
-            "heartbeat_interval": cluster.heartbeat_interval,
-            "suspect_after": cluster.suspect_after,
-            "dead_after": cluster.dead_after,
-            "max_frame_size": cluster.max_frame_size,
-        }
-        if full and self.config.master is not None:
-            info["forget_after"] = self.config.master.forget_after
-        if full:
-            info["tls"] = self._tls_view()
-        if full:
-            info["nodes"] = self.registry.counts()
-            self.counters.unauthenticated_open = self.admission.pending
-            info["counters"] = self.counters.as_dict()
-            if self.store is not None:  # whether writes fail or lag (store.py)
-                info["store"] = self.store.health()
-            info["alerts"] = upkeep.alerts_dict(self)
-        return info
-
-    def _tls_view(self) -> dict[str, Any]:
-        """The ``tls`` object: days left recomputed from the expiry read at start."""
-        view = dict(self.tls_status)
-        if "not_after" in view:
-            view["days_left"] = tlsmod.days_left(view["not_after"])
-        if "ca_not_after" in view:
-            view["ca_days_left"] = tlsmod.days_left(view["ca_not_after"])
-        return view
-
-    def cluster_page(self, qid: int, offset: int, limit: int) -> bytes:
-        """One ``reply`` frame of the cluster query, filled to half a frame at most."""
-        registry = self.registry
-        nodes = list(registry.nodes.values())
-        total = len(nodes)
-        budget = self.config.cluster.max_frame_size // 2
-        head = json.dumps(self.master_dict())
-        size = len(head) + 200
-        node_budget = budget - size
-        parts: list[str] = []
-        index = offset
-        while index < total and len(parts) < limit:
-            text = fit_node(registry.node_dict(nodes[index]), node_budget)
-            if parts and size + len(text) + 1 > budget:
-                break
-            parts.append(text)
-            size += len(text) + 1
-            index += 1
-        next_offset = index if index < total else None
-        body = (
-            f'{{"type":"reply","id":{qid},"ok":true,"data":{{"master":{head},'
-            f'"nodes":[{",".join(parts)}],"total":{total},'
-            f'"next_offset":{"null" if next_offset is None else next_offset}}}}}'
-        ).encode()
-        return p.HEADER.pack(len(body)) + body
-
-    def cluster_state(self) -> dict[str, Any]:
-        """The whole cluster document (all pages), safe to call from any thread."""
-
-        def build() -> dict[str, Any]:
-            registry = self.registry
-            nodes = [registry.node_dict(node) for node in registry.nodes.values()]
-            return {
-                "master": self.master_dict(),
-                "nodes": json.loads(json.dumps(nodes)),  # a copy the caller may keep
-                "total": len(nodes),
-                "next_offset": None,
-            }
-
-        loop = self.loop
-        thread = self._thread
-        if loop is None or thread is None or not thread.is_alive() or loop.is_closed():
-            return build()
-        if threading.current_thread() is thread:
-            return build()
-        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                future.set_result(build())
-            except Exception as exc:
-                future.set_exception(exc)
-
-        loop.call_soon_threadsafe(run)
-        return future.result(10.0)

@@ -1,6 +1,6 @@
 """The master's upkeep of its fleet: forgetting retired Pis, evaluating alerts.
 
-Split from ``server.py`` (the lifecycle and the sockets) because these are
+Split from ``server.py`` (the lifecycle; the sockets are in ``listening.py``) because these are
 policies over the registry, not plumbing; each runs from the master's event
 loop, so it may touch the registry without locks, and hands slow work (the
 database, the webhook) to threads of their own.
