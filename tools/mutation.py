@@ -98,7 +98,12 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         ["tests/test_store_robust.py", "tests/test_store_edges.py"],
     ),
     "server": ("rpicluster/master/server.py", SERVER_TESTS),
+    "listening": ("rpicluster/master/listening.py", SERVER_TESTS),
+    "views": ("rpicluster/master/views.py", SERVER_TESTS),
     "connection": ("rpicluster/master/connection.py", CONNECTION_TESTS),
+    "handshake": ("rpicluster/master/handshake.py", CONNECTION_TESTS),
+    "peertls": ("rpicluster/master/peertls.py", CONNECTION_TESTS),
+    "queries": ("rpicluster/master/queries.py", CONNECTION_TESTS),
 }
 
 KILLED = ("killed", "timeout", "caught by type check")
