@@ -3,8 +3,8 @@
 As in the article, a slave is a ``threading.Thread`` whose ``run()`` connects to
 the master, sends the node's details, receives the master's info and then calls
 ``perform_action()`` over and over; a new kind of slave overrides
-``perform_action()`` and nothing else. Everything a real fleet needs lives here
-once, so every role gets it:
+``perform_action()`` and nothing else. Everything a real fleet needs lives once
+in this base class, so every role gets it:
 
 - reconnect forever with exponential backoff and full jitter (not a fixed 60 s);
 - a *link* thread per connection that reads the master's frames and sends the
@@ -15,30 +15,28 @@ once, so every role gets it:
   master (``action_error``), never fatal;
 - ``stop()`` says ``goodbye`` (the master records ``left``, not ``dead``) and ends
   promptly, even in the middle of a backoff wait.
+
+The work is shared by three modules: this one is the role's public API (what a
+subclass overrides and calls), ``joining.py`` the loop that connects, shakes
+hands and reconnects, ``link.py`` the connection's own thread (reading, heartbeats,
+query replies). Everything a role file imports comes from here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import os
-import select
-import socket
 import threading
-import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from rpicluster import protocol
 from rpicluster.backoff import Backoff
 from rpicluster.config import DEFAULT_STATE_DIR, Config, ConfigError, TlsSettings
 from rpicluster.identity import IdentityError, load_or_create_node_id
+from rpicluster.joining import Joining
+from rpicluster.link import Link, NotConnectedError, QueryError
 from rpicluster.nodeinfo import node_details
-
-if TYPE_CHECKING:  # ssl is imported only with [tls]: a lean slave never maps OpenSSL
-    from rpicluster.tls import TlsSocket
-
-logger = logging.getLogger(__name__)
 
 MAX_ROLE_LENGTH = 200  # what the master accepts in hello (docs/protocol.md)
 
@@ -48,158 +46,12 @@ MAX_ROLE_LENGTH = 200  # what the master accepts in hello (docs/protocol.md)
 # machine using the same node id, a copied SD card (another token while this one
 # is connected and heard from: refused with ``duplicate_id``).
 INSTANCE = os.urandom(8).hex()
-# Seconds a role waits after ``duplicate_id`` before trying again: the master keeps
-# the id for the machine that holds it, so retrying sooner only fills both logs.
-DUPLICATE_ID_BACKOFF = 60.0
 
 # Messages a slave may send with send(); the handshake and queries have their own paths.
 _SENDABLE = (protocol.VITALS, protocol.ACTION_ERROR, protocol.GOODBYE, protocol.HEARTBEAT)
 
 
-class NotConnectedError(ConnectionError):
-    """The slave has no live connection to the master right now."""
-
-
-class QueryError(Exception):
-    """The master answered a query with ``ok: false``; ``str()`` is its error."""
-
-
-class _Link:
-    """One authenticated connection: its socket, heartbeats and pending queries.
-
-    The link thread is the only reader of the socket; writers (heartbeats, the
-    role's ``send()``, ``stop()``'s goodbye) share one lock so frames never mix.
-    """
-
-    def __init__(
-        self, slave: RpiBasicSlaveThread, sock: Any, interval: float, dead_after: float
-    ) -> None:
-        self.slave = slave
-        self.sock = sock
-        self.interval = interval
-        self.dead_after = dead_after
-        self.send_lock = threading.Lock()
-        self.closed = threading.Event()
-        self.close_reason = ""
-        self.error_code: Optional[str] = None
-        self.master_left = False  # the master said goodbye (a planned shutdown)
-        self.pending: dict[int, list[Any]] = {}  # query id -> [Event, reply]
-        self.pending_lock = threading.Lock()
-        self.sent_at: dict[int, float] = {}  # heartbeat seq -> monotonic send time
-        self.last_heard = time.monotonic()
-        self.thread = threading.Thread(target=self._run, name=f"{slave.name}-link", daemon=True)
-
-    # ------------------------------------------------------------------ writing
-
-    def send(self, frame: bytes) -> None:
-        if self.closed.is_set():
-            raise NotConnectedError("not connected to the master")
-        with self.send_lock:
-            try:
-                protocol.send_frame(self.sock, frame)
-            except (protocol.DisconnectionError, socket.timeout) as exc:
-                self.close(f"send failed: {exc}")
-                raise NotConnectedError(f"connection to the master lost: {exc}") from None
-
-    def close(self, reason: str) -> None:
-        """End the link (idempotent); wakes the link thread and every waiter."""
-        if self.closed.is_set():
-            return
-        self.close_reason = reason
-        self.closed.set()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        with self.pending_lock:
-            for slot in self.pending.values():
-                slot[0].set()
-        self.slave._interrupt.set()
-
-    # ------------------------------------------------------------------ reading
-
-    def _run(self) -> None:
-        slave = self.slave
-        decoder = protocol.FrameDecoder(slave.max_frame_size)
-        seq = itertools.count(1)
-        next_beat = time.monotonic()
-        try:
-            while not self.closed.is_set():
-                now = time.monotonic()
-                if now >= next_beat:
-                    self._heartbeat(next(seq))
-                    next_beat = max(next_beat + self.interval, now)
-                if now - self.last_heard > self.dead_after:
-                    self.close(f"no word from the master for {now - self.last_heard:.1f} s")
-                    break
-                timeout = min(next_beat, self.last_heard + self.dead_after) - now
-                # TLS may hold decrypted bytes already; select() sees only the socket.
-                pending = getattr(self.sock, "pending", None)
-                if pending is not None and pending():
-                    readable = [self.sock]
-                else:
-                    readable, _, _ = select.select([self.sock], [], [], max(timeout, 0.0))
-                if not readable:
-                    continue
-                try:
-                    data = self.sock.recv(65536)
-                except (OSError, socket.timeout) as exc:
-                    self.close(f"connection lost: {exc}")
-                    break
-                if not data:
-                    self.close("connection closed by the master")
-                    break
-                self.last_heard = time.monotonic()
-                for body in decoder.feed(data):
-                    self._dispatch(protocol.decode_body(body))
-        except protocol.ProtocolError as exc:
-            self.close(f"master sent a bad frame ({exc.code}): {exc.message}")
-        except NotConnectedError:
-            pass
-        except (OSError, ValueError) as exc:  # select on a socket closed under us
-            self.close(f"connection lost: {exc}")
-        finally:
-            self.close(self.close_reason or "link ended")
-            with contextlib.suppress(OSError):
-                self.sock.close()
-
-    def _heartbeat(self, seq: int) -> None:
-        self.sent_at[seq] = time.monotonic()
-        if len(self.sent_at) > 64:  # acks that never came: forget the oldest
-            del self.sent_at[min(self.sent_at)]
-        self.send(protocol.make(protocol.HEARTBEAT, seq=seq, sent_at=time.time()))
-
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == protocol.HEARTBEAT_ACK:
-            sent = self.sent_at.pop(message["seq"], None)
-            if sent is not None:
-                self.slave.last_rtt = time.monotonic() - sent
-        elif kind == protocol.REPLY:
-            with self.pending_lock:
-                slot = self.pending.get(message["id"])
-            if slot is not None:
-                slot[1] = message
-                slot[0].set()
-        elif kind == protocol.ERROR:
-            self.error_code = message["code"]
-            logger.error("master reports error %s: %s", message["code"], message["message"][:200])
-            if message["code"] in (protocol.E_REPLACED, protocol.E_AUTH_FAILED):
-                self.close(f"master closed the connection ({message['code']})")
-        elif kind == protocol.REFUSED:
-            # One message was refused (a limit of docs/protocol.md); the link stays up.
-            logger.warning(
-                "master refused %d message(s): %s: %s",
-                message["count"],
-                message["code"],
-                message["message"][:200],
-            )
-        elif kind == protocol.GOODBYE:
-            self.master_left = True
-            self.close(f"master said goodbye: {message['reason'][:200]}")
-        else:
-            logger.debug("ignoring %s message from the master", kind)
-
-
-class RpiBasicSlaveThread(threading.Thread):
+class RpiBasicSlaveThread(Joining, threading.Thread):
     """The ``basic`` role: joins the cluster and heartbeats; subclasses add work.
 
     Override :meth:`perform_action`; it is called over and over while connected.
@@ -267,7 +119,7 @@ class RpiBasicSlaveThread(threading.Thread):
         self.action_errors = 0
         self.connections = 0  # successful handshakes so far
         self._interrupt = threading.Event()
-        self._link: Optional[_Link] = None
+        self._link: Optional[Link] = None
         self._query_ids = itertools.count(1)
 
     # ----------------------------------------------------------------- building
@@ -382,234 +234,3 @@ class RpiBasicSlaveThread(threading.Thread):
             with contextlib.suppress(NotConnectedError):
                 link.send(protocol.make(protocol.GOODBYE, reason="slave stopping"))
             link.close("slave stopping")
-
-    def run(self) -> None:
-        role = self.role_name()
-        host, port = self.server_address
-        logger.info("role %s of node %s starting; master at %s:%d", role, self.node_id, host, port)
-        failures = _FailureLog()
-        while not self.stopping.is_set():
-            link = self._connect(failures)
-            if link is None:
-                delay = self.backoff.next_delay()
-                if failures.last == protocol.E_DUPLICATE_ID:
-                    # Another machine holds our node id (a copied card): the master
-                    # keeps it there, so ask again only now and then.
-                    delay = max(delay, DUPLICATE_ID_BACKOFF)
-                logger.debug("role %s retries in %.2f s", role, delay)
-                self.stopping.wait(delay)
-                continue
-            failures.reset()
-            self._serve(link)
-            self._link = None
-            self.connected.clear()
-            if self.stopping.is_set():
-                break
-            logger.warning("role %s lost the master: %s; reconnecting", role, link.close_reason)
-            if link.error_code == protocol.E_REPLACED:
-                # Another process claims this node id and role: do not flap with it.
-                self.stopping.wait(self.backoff.cap)
-            else:
-                if link.master_left:
-                    self.backoff.spread_fully()
-                self.stopping.wait(self.backoff.next_delay())
-        logger.info("role %s of node %s stopped", role, self.node_id)
-
-    def _connect(self, failures: _FailureLog) -> Optional[_Link]:
-        """One attempt: TCP connect and handshake. Returns the running link or None."""
-        role = self.role_name()
-        host, port = self.server_address
-        try:
-            sock = socket.create_connection((host, port), timeout=self.handshake_timeout)
-        except OSError as exc:
-            failures.log("connect", f"cannot reach the master at {host}:{port}: {exc}")
-            return None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.tls is not None:
-            sock = self._tls(sock, failures)
-            if sock is None:
-                return None
-        try:
-            welcome = protocol.client_handshake(
-                sock,
-                self.secret,
-                kind=protocol.KIND_SLAVE,
-                node_id=self.node_id,
-                role=role,
-                details=self.details(),
-                max_frame_size=self.max_frame_size,
-                instance=self.instance,
-            )
-        except protocol.ProtocolError as exc:
-            sock.close()
-            hints = {
-                protocol.E_AUTH_FAILED: " (is [cluster] secret the same as the master's?)",
-                protocol.E_DUPLICATE_ID: f"; retrying every {DUPLICATE_ID_BACKOFF:g} s",
-            }
-            failures.log(
-                exc.code,
-                f"master at {host}:{port} refused role {role}: {exc.code}: {exc.message}"
-                + hints.get(exc.code, ""),
-                level=logging.ERROR,
-            )
-            return None
-        except (OSError, protocol.DisconnectionError) as exc:
-            sock.close()
-            refusal = self._tls_refusal(exc)
-            if refusal:  # the master refused our certificate
-                failures.log(
-                    "tls", f"master at {host}:{port} refused role {role}: {refusal}", logging.ERROR
-                )
-            else:
-                failures.log("handshake", f"handshake with {host}:{port} failed: {exc}")
-            return None
-        self.master_info = welcome.get("master", {})
-        interval, dead_after = self._timing(self.master_info)
-        # Writes block at most dead_after; reads are driven by select() in the link.
-        sock.settimeout(dead_after)
-        self.backoff.reset()
-        self.connections += 1
-        link = _Link(self, sock, interval, dead_after)
-        self._interrupt.clear()
-        self._link = link
-        if self.stopping.is_set():  # stop() raced with the handshake: leave properly
-            with contextlib.suppress(NotConnectedError):
-                link.send(protocol.make(protocol.GOODBYE, reason="slave stopping"))
-            link.close("slave stopping")
-        link.thread.start()
-        self.connected.set()
-        logger.info(
-            "role %s joined master %s at %s:%d",
-            role,
-            self.master_info.get("hostname", "?"),
-            host,
-            port,
-        )
-        return link
-
-    def _tls_refusal(self, exc: BaseException) -> str:
-        """Why the master ended a TLS connection (its alert), or '' for other faults."""
-        if self.tls is None:
-            return ""
-        import ssl
-
-        from rpicluster.tls import explain
-
-        cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
-        return explain(cause) if isinstance(cause, ssl.SSLError) else ""
-
-    def _tls(self, sock: socket.socket, failures: _FailureLog) -> Optional[TlsSocket]:
-        """TLS handshake: the master must prove it is the master before we send a byte.
-
-        A master whose certificate is not of the cluster CA, or does not name the
-        address we dialled, gets no hello: nothing of the protocol is sent.
-        """
-        import ssl
-
-        from rpicluster import tls as tlsmod
-
-        assert self.tls is not None
-        host, port = self.server_address
-        try:
-            context = tlsmod.cached_client_context(self.tls)
-            return tlsmod.connect(sock, context, self.tls.master_name or host)
-        except ssl.SSLError as exc:
-            failures.log(
-                "tls",
-                f"TLS with the master at {host}:{port} failed: {tlsmod.explain(exc)}; nothing sent",
-                level=logging.ERROR,
-            )
-        except (OSError, tlsmod.TlsError) as exc:
-            failures.log("tls-io", f"TLS with the master at {host}:{port} failed: {exc}")
-        sock.close()
-        return None
-
-    def _timing(self, master: dict[str, Any]) -> tuple[float, float]:
-        """Heartbeat interval and dead_after for this link: the master's, when it says.
-
-        The master judges liveness with its own [cluster] settings, so a slave
-        whose config disagrees follows the master's welcome rather than being
-        marked suspect; the disagreement is logged once per connection.
-        """
-        interval, dead_after = self.heartbeat_interval, self.dead_after
-        theirs = master.get("heartbeat_interval"), master.get("dead_after")
-        if (
-            all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and 0.01 <= v <= 3600
-                for v in theirs
-            )
-            and theirs[1] > theirs[0]
-        ):
-            if (interval, dead_after) != theirs:
-                logger.warning(
-                    "role %s: [cluster] heartbeat_interval %g / dead_after %g differ from the"
-                    " master's %g / %g; using the master's",
-                    self.role_name(),
-                    interval,
-                    dead_after,
-                    theirs[0],
-                    theirs[1],
-                )
-            interval, dead_after = float(theirs[0]), float(theirs[1])
-        return interval, dead_after
-
-    def _serve(self, link: _Link) -> None:
-        """Call perform_action() over and over while the link lives."""
-        pause = Backoff(0.1, max(1.0, self.backoff.cap))
-        while not link.closed.is_set() and not self.stopping.is_set():
-            try:
-                self.perform_action()
-            except (NotConnectedError, protocol.DisconnectionError):
-                break
-            except Exception as exc:  # a role's bug must never kill the loop
-                self._report_action_error(exc, first=pause.attempt == 0)
-                self.wait(pause.next_delay())
-            else:
-                pause.reset()
-        link.thread.join(timeout=link.dead_after)
-
-    def _report_action_error(self, exc: Exception, *, first: bool) -> None:
-        self.action_errors += 1
-        text = f"{type(exc).__name__}: {exc}"[:500]
-        role = self.role_name()
-        if first:
-            logger.error("role %s: perform_action() failed: %s", role, text, exc_info=exc)
-        else:
-            logger.error(
-                "role %s: perform_action() failed again (%d so far): %s",
-                role,
-                self.action_errors,
-                text,
-            )
-        with contextlib.suppress(NotConnectedError):
-            self.send(protocol.ACTION_ERROR, error=text, count=self.action_errors)
-
-
-class _FailureLog:
-    """Log a failed attempt loudly the first time and when it changes, then quietly.
-
-    A slave retrying every few seconds for hours must not fill the journal, but
-    the reason it cannot join must be there, and again every minute.
-    """
-
-    REPEAT_AFTER = 60.0
-
-    def __init__(self) -> None:
-        self.kind: Optional[str] = None
-        self.last: Optional[str] = None  # kind of the latest failure, logged or not
-        self.logged_at = 0.0
-        self.count = 0
-
-    def log(self, kind: str, message: str, level: int = logging.WARNING) -> None:
-        self.count += 1
-        self.last = kind
-        now = time.monotonic()
-        if kind != self.kind or now - self.logged_at >= self.REPEAT_AFTER:
-            suffix = f" (attempt {self.count}; retrying)" if self.count > 1 else " (retrying)"
-            logger.log(level, "%s%s", message, suffix)
-            self.kind, self.logged_at = kind, now
-        else:
-            logger.debug("%s (attempt %d)", message, self.count)
-
-    def reset(self) -> None:
-        self.kind, self.last, self.count = None, None, 0

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
+from rpicluster import joining
 from rpicluster import protocol as p
-from rpicluster import slave as slave_module
 from rpicluster.config import ConfigError, parse_config
 from rpicluster.master.registry import Registry
 from rpicluster.slave import RpiBasicSlaveThread
@@ -202,7 +202,7 @@ def test_two_pis_with_one_name_are_both_kept_and_flagged(master, slaves):
 
 def test_a_copied_card_is_refused_flagged_and_does_not_flap(master, slaves, caplog, monkeypatch):
     """Two machines (two processes: two instance tokens) with one node id at once."""
-    monkeypatch.setattr(slave_module, "DUPLICATE_ID_BACKOFF", 0.2)  # retry often, to watch
+    monkeypatch.setattr(joining, "DUPLICATE_ID_BACKOFF", 0.2)  # retry often, to watch
     first = start_slave(master, "copied", node_name="pi-1")
     slaves.append(first)
     wait_for(lambda: first.connected.is_set(), 10, what="the first machine joined")
