@@ -40,6 +40,9 @@ DOC = ROOT / "docs" / "testing.md"
 EXTRA = ["docs", "README.md", "rpicluster.cfg.example", "bench"]
 SUPPORT = ["tests/__init__.py", "tests/conftest.py", "tests/helpers.py", "tests/tlscerts.py"]
 SERVER_TESTS = [
+    "tests/test_master_stop.py",
+    "tests/test_master_listening.py",
+    "tests/test_master_views.py",
     "tests/test_server_edges.py",
     "tests/test_connection_edges.py",
     "tests/test_master.py",

@@ -1,0 +1,218 @@
+"""How the master stops, over real sockets on 127.0.0.1: a clean stop says goodbye to
+every peer, ends the event loop and saves the registry once, on the loop; a shutdown that
+fails, that does not finish, or a loop or store writer that is stuck still lets ``stop()``
+return, saving the registry from outside only once the loop has ended.
+
+Each test stops its master itself with the timeout it is about (the fixture's stop at
+teardown is then a no-op)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from rpicluster import protocol as p
+from tests.helpers import wait_for
+
+QUIET = {"heartbeat_interval": 1, "suspect_after": 30, "dead_after": 60}
+RELEASE_AFTER = 60.0  # a stuck test releases its blocked thread after this long at the latest
+
+
+def join(master, secret, node_id="n1", role="basic", kind="slave"):
+    sock = socket.create_connection(("127.0.0.1", master.port), timeout=10)
+    p.client_handshake(sock, secret, kind=kind, node_id=node_id, role=role)
+    return sock
+
+
+def heartbeat(sock, seq=1):
+    """One heartbeat and its ack: the node's last-seen time is now set on the master."""
+    p.send_frame(sock, p.make(p.HEARTBEAT, seq=seq, sent_at=1.0))
+    assert p.recv_message(sock)["type"] == p.HEARTBEAT_ACK
+
+
+def record_flushes(master):
+    """The threads that flush the registry to the store, in order (stop() calls self._flush)."""
+    threads: list[threading.Thread] = []
+    flush = master._flush
+
+    def recorded() -> None:
+        threads.append(threading.current_thread())
+        flush()
+
+    master._flush = recorded
+    return threads
+
+
+def saved_last_seen(master):
+    with sqlite3.connect(Path(master.config.master.state_dir) / "rpicluster.db") as db:
+        return dict(db.execute("SELECT node_id, last_seen FROM nodes").fetchall())
+
+
+def errors(caplog):
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.ERROR and r.name.startswith("rpicluster")
+    ]
+
+
+class ReleaseOnMessage(logging.Handler):
+    """Sets ``event`` when a record containing ``words`` is logged."""
+
+    def __init__(self, words: str, event: threading.Event) -> None:
+        super().__init__()
+        self.words = words
+        self.event = event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.words in record.getMessage():
+            self.event.set()
+
+
+@pytest.fixture
+def released():
+    """An event a test's blocked thread waits on; set at the latest after RELEASE_AFTER."""
+    event = threading.Event()
+    safety = threading.Timer(RELEASE_AFTER, event.set)
+    safety.daemon = True
+    safety.start()
+    yield event
+    event.set()
+    safety.cancel()
+
+
+def test_a_clean_stop_says_goodbye_to_every_peer_and_saves_the_registry_once_on_the_loop(
+    master_factory, cluster_secret, caplog
+):
+    caplog.set_level(logging.INFO, logger="rpicluster")
+    master = master_factory(cluster=QUIET)
+    slave = join(master, cluster_secret, node_id="n1")
+    client = join(master, cluster_secret, node_id="cli", role="status", kind="client")
+    heartbeat(slave)
+    loop_thread = master._thread
+    flushes = record_flushes(master)
+
+    master.stop()
+
+    for sock in (slave, client):
+        sock.settimeout(10)
+        assert p.recv_message(sock) == {"type": p.GOODBYE, "reason": "master shutting down"}
+        with pytest.raises(p.DisconnectionError):
+            p.recv_message(sock)
+        sock.close()
+    assert not loop_thread.is_alive() and master.loop.is_closed()
+    assert master._listener.fileno() == -1  # the listening socket is closed
+    assert flushes == [loop_thread]
+    assert errors(caplog) == []
+    assert "master stopped" in [r.getMessage() for r in caplog.records]
+    expected = master.registry.to_wall(master.registry.nodes["n1"].seen)
+    assert saved_last_seen(master) == {"n1": expected}
+    master.stop()  # idempotent: nothing more happens
+    assert flushes == [loop_thread]
+
+
+def test_a_shutdown_that_fails_still_ends_the_loop_and_saves_the_registry(
+    master_factory, cluster_secret, caplog
+):
+    master = master_factory(cluster=QUIET)
+    sock = join(master, cluster_secret)
+    heartbeat(sock)
+    loop_thread = master._thread
+
+    async def broken() -> None:
+        raise RuntimeError("boom")
+
+    master._shutdown = broken
+    flushes = record_flushes(master)
+    master.stop(3.0)
+
+    assert errors(caplog) == ["master shutdown failed: RuntimeError('boom'); stopping anyway"]
+    assert not loop_thread.is_alive()
+    assert flushes == [threading.current_thread()]  # from here, once the loop had ended
+    expected = master.registry.to_wall(master.registry.nodes["n1"].seen)
+    assert saved_last_seen(master) == {"n1": expected}
+    sock.close()
+
+
+def test_a_shutdown_that_does_not_finish_in_time_is_cut_short_and_the_registry_saved(
+    master_factory, cluster_secret, caplog, released
+):
+    master = master_factory(cluster=QUIET)
+    sock = join(master, cluster_secret)
+    heartbeat(sock)
+    loop_thread = master._thread
+    # The shutdown holds the loop until stop() has given up waiting for it (and said so),
+    # then returns without doing its work: the loop can stop, the registry is not saved.
+    handler = ReleaseOnMessage("did not finish within", released)
+    logging.getLogger("rpicluster.master").addHandler(handler)
+
+    async def late() -> None:
+        released.wait(RELEASE_AFTER)
+
+    master._shutdown = late
+    flushes = record_flushes(master)
+    try:
+        master.stop(3.0)
+    finally:
+        logging.getLogger("rpicluster.master").removeHandler(handler)
+
+    assert errors(caplog) == ["master shutdown did not finish within 3 s; stopping anyway"]
+    assert not loop_thread.is_alive()
+    assert flushes == [threading.current_thread()]
+    expected = master.registry.to_wall(master.registry.nodes["n1"].seen)
+    assert saved_last_seen(master) == {"n1": expected}
+    sock.close()
+
+
+def test_stop_returns_while_the_loop_is_stuck_and_leaves_the_registry_to_it(
+    master_factory, cluster_secret, caplog, released
+):
+    master = master_factory(cluster=QUIET)
+    sock = join(master, cluster_secret)
+    loop_thread = master._thread
+
+    async def stuck() -> None:
+        released.wait(RELEASE_AFTER)
+
+    master._shutdown = stuck
+    flushes = record_flushes(master)
+    master.stop(0.5)
+
+    # stop() gave up on the loop: the registry belongs to the loop's thread, so nothing
+    # outside it may read it while that thread runs.
+    assert loop_thread.is_alive() and not released.is_set()
+    assert flushes == []
+    assert "master shutdown did not finish within 0.5 s; stopping anyway" in errors(caplog)
+    released.set()
+    wait_for(lambda: not loop_thread.is_alive(), what="the loop to end once released")
+    sock.close()
+
+
+def test_stop_returns_while_the_store_writer_is_stuck(master_factory, caplog, released):
+    master = master_factory()
+    store = master.store
+    store.read(lambda conn: released.wait(RELEASE_AFTER), lambda result: None)
+    loop_thread = master._thread
+
+    master.stop(0.5)
+
+    assert not released.is_set()  # stop() returned while the writer still waited
+    assert not loop_thread.is_alive()
+    assert errors(caplog) == [f"{store.path}: writer did not finish within 0.5 s"]
+    released.set()
+
+
+def test_stopping_a_master_that_never_started_does_nothing(make_config, tmp_path, caplog):
+    from rpicluster.master import Master
+
+    caplog.set_level(logging.INFO, logger="rpicluster")
+    config = make_config(master={"socket_bind_ip": "127.0.0.1", "state_dir": str(tmp_path)})
+    master = Master(config)
+    master.stop()
+    assert master.store is None and master.loop is None
+    assert caplog.records == []
