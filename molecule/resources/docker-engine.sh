@@ -36,7 +36,17 @@ if ! pgrep -x dockerd >/dev/null 2>&1; then
         rm -f "$PIDFILE"
     fi
     log "starting dockerd in the background, logging to $LOG"
-    nohup dockerd >>"$LOG" 2>&1 </dev/null &
+    # Only stdin, stdout and stderr go to dockerd: a descriptor it inherited
+    # would stay open as long as the engine runs, and when the caller holds a
+    # lock on it (`flock /work/locks/docker.lock make molecule`) the engine
+    # would hold that lock for ever and every later flock would wait.
+    (
+        for fd in /proc/self/fd/*; do
+            fd=${fd##*/}
+            if [ "$fd" -gt 2 ] 2>/dev/null; then eval "exec $fd>&-" 2>/dev/null || true; fi
+        done
+        exec nohup dockerd >>"$LOG" 2>&1 </dev/null
+    ) &
     disown || true
 fi
 
