@@ -302,6 +302,13 @@ def test_run_forever_stops_cleanly_on_sigterm_and_restores_the_handlers(
     config = make_config(master={"socket_bind_ip": "127.0.0.1", "state_dir": str(tmp_path)})
     config = dataclasses.replace(config, master=dataclasses.replace(config.master, socket_port=0))
     master = Master(config)
+
+    def stray(signum, frame) -> None:
+        # Without run_forever's own handler the signal lands here: the test fails
+        # (the exception leaves run_forever's wait) instead of the process dying.
+        raise AssertionError("SIGTERM reached the test's handler, not the master's")
+
+    original = signal.signal(signal.SIGTERM, stray)
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     joined = {}
 
@@ -328,10 +335,13 @@ def test_run_forever_stops_cleanly_on_sigterm_and_restores_the_handlers(
     thread = threading.Thread(target=operator)
     thread.start()
     caplog.set_level(logging.INFO, logger="rpicluster.master")
-    master.run_forever()
-    thread.join(10)
-    assert "received SIGTERM, stopping" in messages(caplog, "received")
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    try:
+        master.run_forever()
+        thread.join(10)
+        assert "received SIGTERM, stopping" in messages(caplog, "received")
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    finally:
+        signal.signal(signal.SIGTERM, original)
     assert master._thread is None and master.store._closed
     sock = joined["goodbye"]
     assert p.recv_message(sock) == {"type": p.GOODBYE, "reason": "master shutting down"}
