@@ -51,6 +51,7 @@ SERVER_TESTS = [
     "tests/test_alerts.py",
 ]
 CONNECTION_TESTS = [
+    "tests/test_peer_tls.py",
     "tests/test_connection_edges.py",
     "tests/test_bad_input.py",
     "tests/test_conformance.py",
@@ -81,6 +82,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         [
             "tests/test_config.py",
             "tests/test_config_edges.py",
+            "tests/test_config_tls.py",
             "tests/test_alerts.py",
             "tests/test_names.py",
             "tests/test_tls.py",
