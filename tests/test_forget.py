@@ -17,7 +17,7 @@ import pytest
 from rpicluster import cli
 from rpicluster import protocol as p
 from rpicluster.config import ConfigError, parse_config
-from rpicluster.master.store import _Batch
+from rpicluster.master.writequeue import Batch
 from rpicluster.slave import RpiBasicSlaveThread
 from tests.helpers import wait_for
 
@@ -191,17 +191,17 @@ def test_forget_after_default_is_a_week():
 
 
 def test_store_queue_drops_a_forgotten_node_and_keeps_later_rows():
-    batch = _Batch()
+    batch = Batch()
     batch.nodes = {"a": ("a",), "b": ("b",)}
     batch.add_points([("a", 1.0, "{}"), ("b", 1.0, "{}"), ("a", 2.0, "{}")])
     batch.forget("a")
     assert list(batch.nodes) == ["b"] and [pt[0] for pt in batch.points] == ["b"]
     assert batch.point_bytes == 2 and batch.forgets == {"a"}
     # A batch that failed before the forget must not bring the node back.
-    pending = _Batch()
+    pending = Batch()
     pending.forget("x")
     pending.nodes = {"x": ("x", "rejoined")}
-    older = _Batch()
+    older = Batch()
     older.nodes = {"x": ("x", "old"), "y": ("y",)}
     older.add_points([("x", 1.0, "{}"), ("y", 1.0, "{}")])
     pending.put_back(older)

@@ -15,7 +15,10 @@ from typing import Any
 import pytest
 
 from rpicluster.master import store as s
-from rpicluster.master.store import Store, StoreError, _Batch, _repaired, points_cap, read_history
+from rpicluster.master import writequeue as wq
+from rpicluster.master.database import read_history, repaired_row
+from rpicluster.master.store import Store, StoreError, points_cap
+from rpicluster.master.writequeue import Batch
 from tests.helpers import wait_for
 
 
@@ -73,15 +76,15 @@ def test_points_cap_is_one_a_second_over_the_window_and_4096_at_least(window, ca
 def test_repaired_replaces_only_what_sqlite_cannot_encode():
     row = ("id", "pi\ud800", "é", 3, None, b"raw")
     # the three bytes of the lone surrogate's surrogatepass encoding, each replaced
-    assert _repaired(row) == ("id", "pi\ufffd\ufffd\ufffd", "é", 3, None, b"raw")
-    assert _repaired(("ascii",)) == ("ascii",)
+    assert repaired_row(row) == ("id", "pi\ufffd\ufffd\ufffd", "é", 3, None, b"raw")
+    assert repaired_row(("ascii",)) == ("ascii",)
 
 
 # --------------------------------------------------------------------- batch
 
 
 def test_a_batch_has_writes_from_any_kind_of_row_but_not_from_reads():
-    batch = _Batch()
+    batch = Batch()
     assert not batch.has_writes() and batch.rows() == 0
     batch.reads.append((lambda conn: None, lambda result: None))
     assert not batch.has_writes()
@@ -91,10 +94,10 @@ def test_a_batch_has_writes_from_any_kind_of_row_but_not_from_reads():
         lambda b: b.add_points([point("n", 1.0)]),
         lambda b: b.forgets.add("n"),
     ):
-        batch = _Batch()
+        batch = Batch()
         fill(batch)
         assert batch.has_writes()
-    batch = _Batch()
+    batch = Batch()
     batch.nodes["a"] = node_row("a")
     batch.seen["b"] = (1.0, "b")
     batch.forgets.update({"c", "d"})
@@ -102,8 +105,8 @@ def test_a_batch_has_writes_from_any_kind_of_row_but_not_from_reads():
 
 
 def test_the_queue_keeps_exactly_its_limit_of_points(monkeypatch):
-    monkeypatch.setattr(s, "QUEUE_POINTS", 5)
-    batch = _Batch()
+    monkeypatch.setattr(wq, "QUEUE_POINTS", 5)
+    batch = Batch()
     assert batch.add_points([point("n", t) for t in range(5)]) == 0
     assert len(batch.points) == 5
     assert batch.add_points([point("n", 5), point("n", 6)]) == 2
@@ -112,8 +115,8 @@ def test_the_queue_keeps_exactly_its_limit_of_points(monkeypatch):
 
 
 def test_the_queue_keeps_exactly_its_limit_of_bytes(monkeypatch):
-    monkeypatch.setattr(s, "QUEUE_BYTES", 30)
-    batch = _Batch()
+    monkeypatch.setattr(wq, "QUEUE_BYTES", 30)
+    batch = Batch()
     assert batch.add_points([point("n", t) for t in range(3)]) == 0
     assert batch.point_bytes == 30
     assert batch.add_points([point("n", 3, size=11)]) == 2  # 41 bytes: two oldest go
@@ -122,7 +125,7 @@ def test_the_queue_keeps_exactly_its_limit_of_bytes(monkeypatch):
 
 
 def test_points_put_in_front_keep_their_order():
-    batch = _Batch()
+    batch = Batch()
     batch.add_points([point("n", 3), point("n", 4)])
     batch.add_points([point("n", 1), point("n", 2)], front=True)
     assert [pt[1] for pt in batch.points] == [1, 2, 3, 4]
@@ -130,7 +133,7 @@ def test_points_put_in_front_keep_their_order():
 
 
 def test_forgetting_drops_what_is_queued_for_the_node():
-    batch = _Batch()
+    batch = Batch()
     batch.nodes["a"] = node_row("a")
     batch.nodes["b"] = node_row("b")
     batch.seen["a"] = (1.0, "a")
@@ -145,8 +148,8 @@ def test_forgetting_drops_what_is_queued_for_the_node():
 
 
 def test_take_oldest_stops_at_the_transaction_limit_of_points(monkeypatch):
-    monkeypatch.setattr(s, "TXN_POINTS", 3)
-    batch = _Batch()
+    monkeypatch.setattr(wq, "TXN_POINTS", 3)
+    batch = Batch()
     batch.nodes["a"] = node_row("a")
     batch.seen["a"] = (1.0, "a")
     batch.forgets.add("z")
@@ -162,24 +165,24 @@ def test_take_oldest_stops_at_the_transaction_limit_of_points(monkeypatch):
 
 
 def test_take_oldest_stops_once_the_transaction_bytes_are_reached(monkeypatch):
-    monkeypatch.setattr(s, "TXN_BYTES", 25)
-    batch = _Batch()
+    monkeypatch.setattr(wq, "TXN_BYTES", 25)
+    batch = Batch()
     batch.add_points([point("n", t) for t in range(5)])
     taken = batch.take_oldest()
     assert [pt[1] for pt in taken.points] == [0, 1, 2]  # 30 bytes: the third crossed 25
-    monkeypatch.setattr(s, "TXN_BYTES", 20)
+    monkeypatch.setattr(wq, "TXN_BYTES", 20)
     again = batch.take_oldest()
     assert [pt[1] for pt in again.points] == [3, 4]
     assert batch.point_bytes == 0
 
 
 def test_a_failed_batch_goes_back_before_the_newer_rows():
-    newer = _Batch()
+    newer = Batch()
     newer.nodes["a"] = node_row("a", state="left")
     newer.seen["b"] = (9.0, "b")
     newer.add_points([point("n", 5)])
     newer.since = 20.0
-    older = _Batch()
+    older = Batch()
     older.nodes["a"] = node_row("a", state="alive")
     older.nodes["c"] = node_row("c")
     older.seen["b"] = (1.0, "b")
@@ -193,16 +196,16 @@ def test_a_failed_batch_goes_back_before_the_newer_rows():
 
 
 def test_a_failed_batch_keeps_the_newer_since_when_it_has_none():
-    newer = _Batch()
+    newer = Batch()
     newer.since = 20.0
-    older = _Batch()
+    older = Batch()
     newer.put_back(older)
     assert newer.since == 20.0
-    empty = _Batch()
+    empty = Batch()
     older.since = 5.0
     empty.put_back(older)
     assert empty.since == 5.0
-    later = _Batch()
+    later = Batch()
     later.since = 3.0
     older.since = 4.0
     later.put_back(older)
@@ -210,9 +213,9 @@ def test_a_failed_batch_keeps_the_newer_since_when_it_has_none():
 
 
 def test_a_node_forgotten_meanwhile_does_not_come_back_with_the_failed_batch():
-    newer = _Batch()
+    newer = Batch()
     newer.forget("gone")
-    older = _Batch()
+    older = Batch()
     older.nodes["gone"] = node_row("gone")
     older.nodes["kept"] = node_row("kept")
     older.seen["gone"] = (1.0, "gone")
@@ -225,10 +228,10 @@ def test_a_node_forgotten_meanwhile_does_not_come_back_with_the_failed_batch():
 
 
 def test_putting_back_into_a_full_queue_drops_the_oldest(monkeypatch):
-    monkeypatch.setattr(s, "QUEUE_POINTS", 3)
-    newer = _Batch()
+    monkeypatch.setattr(wq, "QUEUE_POINTS", 3)
+    newer = Batch()
     newer.add_points([point("n", 3), point("n", 4)])
-    older = _Batch()
+    older = Batch()
     older.add_points([point("n", 1), point("n", 2)])
     assert newer.put_back(older) == 1
     assert [pt[1] for pt in newer.points] == [2, 3, 4]
@@ -573,15 +576,15 @@ def test_the_store_survives_a_writer_bug_and_retries(state_dir, monkeypatch, cap
 
 
 def test_forgetting_the_only_node_with_queued_points_drops_them():
-    batch = _Batch()
+    batch = Batch()
     batch.add_points([point("a", 1), point("a", 2)])
     batch.forget("a")
     assert list(batch.points) == [] and batch.point_bytes == 0
 
 
 def test_take_oldest_stops_at_exactly_the_transaction_bytes(monkeypatch):
-    monkeypatch.setattr(s, "TXN_BYTES", 20)
-    batch = _Batch()
+    monkeypatch.setattr(wq, "TXN_BYTES", 20)
+    batch = Batch()
     batch.add_points([point("n", t) for t in range(5)])
     assert [pt[1] for pt in batch.take_oldest().points] == [0, 1]
 
@@ -602,7 +605,7 @@ def test_a_corrupt_row_is_skipped_with_its_node_id_logged(state_dir, caplog):
 
 def test_a_full_queue_says_why_it_drops(state_dir, monkeypatch, caplog):
     caplog.set_level(logging.ERROR)
-    monkeypatch.setattr(s, "QUEUE_POINTS", 2)
+    monkeypatch.setattr(wq, "QUEUE_POINTS", 2)
     store = Store(str(state_dir), FOREVER)  # not started: the queue only fills
     store.add_vitals([point("n", t) for t in range(3)])
     assert [r.getMessage() for r in caplog.records] == [
@@ -645,7 +648,7 @@ class FailingTransactions:
         self.message = message
         self.calls: list[bool] = []
 
-    def __call__(self, batch: _Batch, prune: bool) -> None:
+    def __call__(self, batch: Batch, prune: bool) -> None:
         self.calls.append(prune)
         if len(self.calls) <= self.failures:
             raise sqlite3.OperationalError(self.message)
@@ -655,11 +658,11 @@ class FailingTransactions:
 def test_a_failed_write_is_not_retried_in_place_and_loses_nothing(state_dir, monkeypatch, caplog):
     caplog.set_level(logging.WARNING)
     store = Store(str(state_dir), FOREVER)
-    assert store._save(_Batch()) is True
+    assert store._save(Batch()) is True
     assert caplog.records == []  # no failure before: nothing "succeeds again"
     failing = FailingTransactions(store, failures=2)
     monkeypatch.setattr(store, "_transaction", failing)
-    batch = _Batch()
+    batch = Batch()
     batch.nodes["a"] = node_row("a")
     batch.add_points([point("n", 1.0), point("n", 2.0)])
     assert store._save(batch) is False
@@ -679,7 +682,7 @@ def test_a_failed_write_is_not_retried_in_place_and_loses_nothing(state_dir, mon
 def test_a_long_database_error_is_kept_to_200_characters(state_dir, monkeypatch):
     store = Store(str(state_dir), FOREVER)
     monkeypatch.setattr(store, "_transaction", FailingTransactions(store, 1, "e" * 300))
-    assert store._save(_Batch()) is False
+    assert store._save(Batch()) is False
     assert store._error == "e" * 200
     store.close()
 
@@ -694,7 +697,7 @@ def test_the_final_write_retries_for_three_seconds_doubling_then_counts_the_loss
     store = Store(str(state_dir), FOREVER)
     failing = FailingTransactions(store, failures=100)
     monkeypatch.setattr(store, "_transaction", failing)
-    batch = _Batch()
+    batch = Batch()
     batch.nodes["a"] = node_row("a")
     batch.add_points([point("n", 1.0), point("n", 2.0)])
     assert store._save(batch, final=True) is False

@@ -20,19 +20,12 @@ from typing import Any
 import pytest
 
 from rpicluster import protocol as p
+from rpicluster.master import database, saving, writequeue
 from rpicluster.master import store as store_module
-from rpicluster.master.store import (
-    JOURNAL_SIZE_LIMIT,
-    PENDING_READS,
-    QUEUE_BYTES,
-    QUEUE_POINTS,
-    TRIM_EVERY,
-    TXN_POINTS,
-    Store,
-    StoreError,
-    points_cap,
-    read_history,
-)
+from rpicluster.master.database import JOURNAL_SIZE_LIMIT, read_history
+from rpicluster.master.saving import TRIM_EVERY
+from rpicluster.master.store import PENDING_READS, Store, StoreError, points_cap
+from rpicluster.master.writequeue import QUEUE_BYTES, QUEUE_POINTS, TXN_POINTS
 from tests.helpers import wait_for
 
 # SystemExit raised inside the writer ends its thread (as a bug's BaseException
@@ -86,7 +79,7 @@ def point(node_id: str, ts: float, size: int = 0) -> tuple[str, float, str]:
 
 def saved(state_dir: Path) -> tuple[list[tuple[str, str]], list[tuple[str, float]]]:
     """(node_id, hostname) of every node row and (node_id, ts) of every point, from the file."""
-    conn = sqlite3.connect(str(state_dir / store_module.DB_NAME))
+    conn = sqlite3.connect(str(state_dir / database.DB_NAME))
     try:
         nodes = conn.execute("SELECT node_id, hostname FROM nodes ORDER BY rowid").fetchall()
         points = conn.execute("SELECT node_id, ts FROM vitals ORDER BY node_id, ts").fetchall()
@@ -281,7 +274,7 @@ def test_shutdown_saves_the_final_batch_while_a_history_read_meets_a_closed_loop
     nodes, points = saved(state_dir)
     assert nodes == [("n1", "pi")]
     assert len(points) == 50
-    conn = sqlite3.connect(str(state_dir / store_module.DB_NAME))
+    conn = sqlite3.connect(str(state_dir / database.DB_NAME))
     assert conn.execute("SELECT last_seen FROM nodes").fetchone() == (now + 60,)
     conn.close()
 
@@ -331,7 +324,7 @@ def test_each_node_keeps_at_most_its_cap_of_points(state_dir):
         )
         store.add_vitals([point("calm", now + start)])
     store.close()
-    conn = sqlite3.connect(str(state_dir / store_module.DB_NAME))
+    conn = sqlite3.connect(str(state_dir / database.DB_NAME))
     counts = dict(conn.execute("SELECT node_id, COUNT(*) FROM vitals GROUP BY node_id"))
     newest = conn.execute("SELECT MAX(ts) FROM vitals WHERE node_id = 'flood'").fetchone()[0]
     conn.close()
@@ -350,7 +343,7 @@ def test_the_journal_is_bounded(state_dir):
     for chunk in range(20):
         store.add_vitals([point(f"n{i}", now + chunk, size=200) for i in range(1000)])
     store.close()
-    wal = state_dir / (store_module.DB_NAME + "-wal")
+    wal = state_dir / (database.DB_NAME + "-wal")
     assert not wal.exists() or wal.stat().st_size <= JOURNAL_SIZE_LIMIT
 
 
@@ -383,7 +376,7 @@ def test_history_reads_stop_at_their_budget(state_dir):
     now = time.time()
     store.add_vitals([point("n1", now + i, size=1000) for i in range(1001)])
     store.close()
-    conn = sqlite3.connect(str(state_dir / store_module.DB_NAME))
+    conn = sqlite3.connect(str(state_dir / database.DB_NAME))
     counting = CountingConnection(conn)
     text, more = read_history(counting, "n1", None, 1000, 10_000)  # type: ignore[arg-type]
     assert more is True
@@ -506,10 +499,10 @@ def test_the_documented_bounds_are_the_code_s():
     assert f"max({store_module.POINTS_PER_NODE}, history_window)" in protocol
     assert f"max({store_module.POINTS_PER_NODE}, history_window)" in readme
     assert JOURNAL_SIZE_LIMIT == 4 * 1024 * 1024 and "truncated to 4 MiB" in readme
-    assert f"every {store_module.WAL_AUTOCHECKPOINT:,} pages" in readme
-    assert store_module.TXN_BYTES == 1024 * 1024
+    assert f"every {database.WAL_AUTOCHECKPOINT:,} pages" in readme
+    assert writequeue.TXN_BYTES == 1024 * 1024
     assert f"at most {TXN_POINTS:,} points or 1 MiB of them" in readme
-    assert store_module.PRUNE_INTERVAL == 60 and "deleted every minute" in readme
+    assert saving.PRUNE_INTERVAL == 60 and "deleted every minute" in readme
 
 
 def test_a_member_s_surrogate_hostname_cannot_stop_the_master_saving(

@@ -61,6 +61,8 @@ CONNECTION_TESTS = [
     "tests/test_adversarial_master.py",
     "tests/test_master.py",
 ]
+# The store (store.py and the three modules split from it) and the tests about it.
+STORE_TESTS = ["tests/test_store_robust.py", "tests/test_store_edges.py"]
 # A 10-second test: a mutant run re-runs it for every mutant of a function it calls. It
 # checks the fleet as a whole; the faults it throws are each tested on their own too.
 DESELECT = ["tests/test_adversarial_master.py::test_fleet_survives_every_attack_class"]
@@ -98,10 +100,10 @@ MODULES: dict[str, tuple[str, list[str]]] = {
             "tests/test_master.py",
         ],
     ),
-    "store": (
-        "rpicluster/master/store.py",
-        ["tests/test_store_robust.py", "tests/test_store_edges.py"],
-    ),
+    "store": ("rpicluster/master/store.py", STORE_TESTS),
+    "writequeue": ("rpicluster/master/writequeue.py", STORE_TESTS),
+    "saving": ("rpicluster/master/saving.py", STORE_TESTS),
+    "database": ("rpicluster/master/database.py", STORE_TESTS),
     "server": ("rpicluster/master/server.py", SERVER_TESTS),
     "listening": ("rpicluster/master/listening.py", SERVER_TESTS),
     "views": ("rpicluster/master/views.py", SERVER_TESTS),

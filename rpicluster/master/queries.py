@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from rpicluster import memberdata as md
 from rpicluster import protocol as p
 from rpicluster import tls as tlsmod
+from rpicluster.master.database import read_history
 from rpicluster.master.registry import node_label
-from rpicluster.master.store import read_history
 
 if TYPE_CHECKING:
     from rpicluster.master.server import Master
