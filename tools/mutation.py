@@ -51,6 +51,7 @@ SERVER_TESTS = [
     "tests/test_alerts.py",
 ]
 CONNECTION_TESTS = [
+    "tests/test_connection_session.py",
     "tests/test_peer_tls.py",
     "tests/test_connection_edges.py",
     "tests/test_bad_input.py",
