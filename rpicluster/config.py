@@ -120,6 +120,12 @@ class WebserverSettings:
     # pbkdf2_sha256$<iterations>$<salt>$<hash> (rpicluster/web/auth.py).
     login_user: str = ""
     login_password_hash: str = ""
+    # HTTPS (web/https.py): off by default. On, it serves https_cert_file and
+    # https_key_file, else this Pi's own [tls] cert_file and key_file (resolved
+    # here, so these two always name the files served when https is on).
+    https: bool = False
+    https_cert_file: str = ""
+    https_key_file: str = ""
 
 
 WEBHOOK_FORMATS = ("json", "text", "chat")
@@ -382,7 +388,7 @@ def _read_slave(r: _Reader) -> SlaveSettings:
     )
 
 
-def _read_webserver(r: _Reader) -> WebserverSettings:
+def _read_webserver(r: _Reader, tls: Optional[TlsSettings]) -> WebserverSettings:
     s = "webserver"
     return WebserverSettings(
         webserver_host=r.text(s, "webserver_host", "0.0.0.0"),
@@ -390,7 +396,46 @@ def _read_webserver(r: _Reader) -> WebserverSettings:
         refresh_interval=r.number(s, "refresh_interval", 2.0, minimum=0.1, maximum=3600),
         history_window=r.number(s, "history_window", 3600.0, minimum=1.0),
         **_read_login(r, s),
+        **_read_https(r, s, tls),
     )
+
+
+def _read_https(r: _Reader, s: str, tls: Optional[TlsSettings]) -> dict[str, Any]:
+    """``https`` and the files it serves: its own pair, else the node's ``[tls]`` one."""
+    https = _flag(r, s, "https", False)
+    cert = _config_path(r, r.text(s, "https_cert_file", ""))
+    key = _config_path(r, r.text(s, "https_key_file", ""))
+    if bool(cert) != bool(key):
+        missing = "https_key_file" if cert else "https_cert_file"
+        raise r.error(s, missing, "is required when the other one is set")
+    if not https:
+        return {"https": False, "https_cert_file": cert, "https_key_file": key}
+    keys = ("https_cert_file", "https_key_file")
+    if not cert:
+        if tls is None:
+            raise r.error(
+                s,
+                "https_cert_file",
+                "is required when https = yes and there is no [tls] section"
+                " (without it the Pi's own certificate of the cluster CA is served)",
+            )
+        cert, key = tls.cert_file, tls.key_file
+        keys = ("https", "https")  # [tls] has checked them already: named for the odd case
+    from rpicluster.web.https import HttpsError, check_files
+
+    try:
+        check_files(cert, key, cert_key=keys[0], key_key=keys[1])
+    except HttpsError as exc:
+        raise r.error(s, exc.key, exc.problem) from None
+    return {"https": True, "https_cert_file": cert, "https_key_file": key}
+
+
+def _config_path(r: _Reader, value: str) -> str:
+    """A path as written, or relative to the config file's directory; empty stays empty."""
+    if not value or Path(value).is_absolute():
+        return value
+    base = Path(r.path).parent if r.path and not r.path.startswith("<") else Path(".")
+    return str(base / value)
 
 
 def _read_login(r: _Reader, s: str) -> dict[str, str]:
@@ -557,7 +602,7 @@ def parse_config(
         cluster=cluster,
         master=master,
         slave=slave,
-        webserver=_read_webserver(r),
+        webserver=_read_webserver(r, tls),
         raw=parser,
         alerts=_read_alerts(r),
         tls=tls,

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from rpicluster import protocol
 from rpicluster.config import WebserverSettings
 from rpicluster.slave import NotConnectedError, RpiBasicSlaveThread
+from rpicluster.web import https
 from rpicluster.web.auth import BasicAuth
 from rpicluster.web.http import DashboardSettings, WebService
 from rpicluster.web.state import ClusterState, refresh
@@ -75,6 +76,9 @@ class WebserverSlaveThread(RpiBasicSlaveThread):
                 else None,
             ),
             connected=self.connected.is_set,
+            ssl_context=https.server_context(settings.https_cert_file, settings.https_key_file)
+            if settings.https
+            else None,
         )
         self._web_lock = threading.Lock()
         self._bind_failed_at: Optional[float] = None

@@ -10,6 +10,7 @@ import them from here.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from typing import Callable, Optional
 
@@ -38,8 +39,10 @@ class WebService:
         state: ClusterState,
         settings: DashboardSettings,
         connected: Optional[Callable[[], bool]] = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
     ) -> None:
         self.host = host
+        self.ssl_context = ssl_context  # HTTPS (web/https.py), or None for plain HTTP
         self.port = port
         self.state = state
         self.settings = settings
@@ -60,7 +63,11 @@ class WebService:
             return
         try:
             server = DashboardServer(
-                (self.host, self.port), self.state, self.settings, self.connected
+                (self.host, self.port),
+                self.state,
+                self.settings,
+                self.connected,
+                ssl_context=self.ssl_context,
             )
         except OSError as exc:
             raise OSError(
@@ -75,7 +82,8 @@ class WebService:
         )
         self._thread.start()
         host, port = self.address
-        log.info("dashboard serving on http://%s:%d/", host, port)
+        scheme = "http" if self.ssl_context is None else "https"
+        log.info("dashboard serving on %s://%s:%d/", scheme, host, port)
 
     def stop(self) -> None:
         server, self.server = self.server, None

@@ -15,12 +15,14 @@ import logging
 import queue
 import selectors
 import socket
+import ssl
 import threading
 import time
 from http import HTTPStatus
 from typing import Any, Callable, Optional
 
 from rpicluster import displayable
+from rpicluster.web import https
 from rpicluster.web.handler import MAX_HEAD_BYTES, DashboardHandler, DashboardSettings
 from rpicluster.web.metrics import MetricsRenderer
 from rpicluster.web.state import ClusterState, Snapshot
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 256  # open client connections (systemd's default fd limit is 1,024)
 HEADER_TIMEOUT = 10.0  # seconds for a complete request head (and keep-alive idle)
 SEND_TIMEOUT = 10.0  # seconds for a response to leave
+HANDSHAKE_TIMEOUT = 5.0  # seconds for a TLS handshake (HTTPS only), counted from accept
 WORKERS = 4  # rendering threads
 LISTEN_BACKLOG = 128  # a burst of browsers and scrapers must not see refused connections
 SEND_CHUNK = 256 * 1024  # bytes handed to one send() call
@@ -40,7 +43,7 @@ REFUSE_DRAIN_BYTES = 256 * 1024  # unread input discarded before closing a refus
 class _Connection:
     """One client connection and where it is: reading a head, at a worker, or sending."""
 
-    __slots__ = ("sock", "address", "buffer", "out", "deadline", "close_after")
+    __slots__ = ("sock", "address", "buffer", "out", "deadline", "close_after", "handshaking")
 
     def __init__(self, sock: socket.socket, address: Any) -> None:
         self.sock = sock
@@ -49,6 +52,7 @@ class _Connection:
         self.out: list[memoryview] = []  # what is still to send: head, then body
         self.deadline = 0.0
         self.close_after = False
+        self.handshaking = False  # HTTPS: the TLS handshake is not finished yet
 
 
 class DashboardServer:
@@ -74,7 +78,11 @@ class DashboardServer:
     - MAX_HEAD_BYTES (16 KiB) per request head (431 beyond), bodies are not read
       (a request announcing one is answered, then the connection is closed);
     - ``workers`` rendering threads (default 4); requests waiting for a worker are
-      bounded by ``max_connections``, as a connection has one request in flight.
+      bounded by ``max_connections``, as a connection has one request in flight;
+    - with ``ssl_context`` (HTTPS, web/https.py): ``handshake_timeout`` seconds
+      (default 5) from accept to a finished TLS handshake, done by the loop, never
+      by a worker; a connection still in its handshake is the first to make room
+      at the cap. Plain HTTP to the port gets a plain 400 and is closed.
     """
 
     def __init__(
@@ -88,9 +96,17 @@ class DashboardServer:
         header_timeout: float = HEADER_TIMEOUT,
         send_timeout: float = SEND_TIMEOUT,
         workers: int = WORKERS,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
-        if max_connections < 1 or workers < 1 or header_timeout <= 0 or send_timeout <= 0:
+        if (
+            max_connections < 1
+            or workers < 1
+            or min(header_timeout, send_timeout, handshake_timeout) <= 0
+        ):
             raise ValueError("max_connections, workers and the timeouts must be positive")
+        self.ssl_context = ssl_context
+        self.handshake_timeout = handshake_timeout
         self.state = state
         self.settings = settings
         self.connected = connected
@@ -106,6 +122,9 @@ class DashboardServer:
             "request_timeouts_total": 0,
             "requests_total": 0,
         }
+        if ssl_context is not None:
+            self.stats["tls_handshake_failures_total"] = 0  # timeouts included
+            self.stats["tls_plain_http_refused_total"] = 0
         self.metrics = MetricsRenderer(
             lambda: state.snapshot, settings.stale_after, lambda: dict(self.stats)
         )
@@ -130,8 +149,10 @@ class DashboardServer:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        # Connections waiting for a request head / sending a response, oldest first:
-        # every entry of one dict has the same timeout, so the first expires first.
+        # Connections in their TLS handshake / waiting for a request head / sending
+        # a response, oldest first: every entry of one dict has the same timeout,
+        # so the first expires first.
+        self._handshaking: dict[int, _Connection] = {}
         self._waiting: dict[int, _Connection] = {}
         self._sending: dict[int, _Connection] = {}
         self._busy = 0  # connections at a worker
@@ -200,7 +221,7 @@ class DashboardServer:
             while not self._stop.is_set():
                 now = time.monotonic()
                 timeout = poll_interval
-                for table in (self._waiting, self._sending):
+                for table in (self._handshaking, self._waiting, self._sending):
                     if table:
                         first = next(iter(table.values()))
                         timeout = min(timeout, max(0.0, first.deadline - now))
@@ -211,6 +232,8 @@ class DashboardServer:
                         self._accept()
                     elif key.data == "wake":
                         self._drain_wake()
+                    elif key.data.handshaking:
+                        self._handshake(key.data)
                     elif mask & selectors.EVENT_READ:
                         self._on_readable(key.data)
                     else:
@@ -231,7 +254,7 @@ class DashboardServer:
         """Close the listening socket, every client connection and the workers."""
         for _ in self._workers:
             self._jobs.put(None)
-        for conn in [*self._waiting.values(), *self._sending.values()]:
+        for conn in [*self._handshaking.values(), *self._waiting.values(), *self._sending.values()]:
             self._close(conn)
         self._selector.close()
         for sock in (self.socket, self._wake_r, self._wake_w):
@@ -258,8 +281,9 @@ class DashboardServer:
                 self._pause_accepting(exc)
                 return
             if self.stats["connections_open"] >= self.max_connections:
-                if self._waiting:
-                    oldest = next(iter(self._waiting.values()))
+                idle = self._handshaking or self._waiting
+                if idle:
+                    oldest = next(iter(idle.values()))
                     self._close(oldest)
                     self.stats["connections_evicted_total"] += 1
                 else:
@@ -272,7 +296,13 @@ class DashboardServer:
             conn = _Connection(sock, address)
             self.stats["connections_open"] += 1
             self.stats["connections_accepted_total"] += 1
-            self._wait_for_head(conn, register=True)
+            if self.ssl_context is None:
+                self._wait_for_head(conn, register=True)
+            else:
+                conn.handshaking = True
+                conn.deadline = time.monotonic() + self.handshake_timeout
+                self._handshaking[sock.fileno()] = conn
+                self._selector.register(sock, selectors.EVENT_READ, conn)
 
     def _pause_accepting(self, exc: OSError) -> None:
         now = time.monotonic()
@@ -295,11 +325,60 @@ class DashboardServer:
             self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
         if conn.buffer:  # a pipelined request may already be complete
             self._try_dispatch(conn)
+        pending = getattr(conn.sock, "pending", None)
+        if pending is not None and conn.sock.fileno() in self._waiting and pending():
+            self._on_readable(conn)  # decrypted bytes that select() cannot see
+
+    def _handshake(self, conn: _Connection) -> None:
+        """HTTPS: look at the first byte, wrap the socket, advance the TLS handshake."""
+        assert self.ssl_context is not None
+        if not isinstance(conn.sock, ssl.SSLSocket):
+            try:
+                first = conn.sock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._close(conn)
+                return
+            if not first:
+                self._close(conn)
+                return
+            if first[0] != https.TLS_HANDSHAKE_RECORD:
+                self.stats["tls_plain_http_refused_total"] += 1
+                self._refuse(conn, 400, https.PLAIN_HTTP_REASON)
+                return
+            self._selector.unregister(conn.sock)
+            try:
+                conn.sock = self.ssl_context.wrap_socket(
+                    conn.sock, server_side=True, do_handshake_on_connect=False
+                )
+            except OSError:
+                self._handshake_failed(conn, "cannot start TLS")
+                return
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+        try:
+            wanted = https.handshake_step(conn.sock)  # type: ignore[arg-type]
+        except OSError as exc:  # ssl.SSLError is an OSError
+            self._handshake_failed(conn, https.failure_reason(exc))
+            return
+        if wanted:
+            self._selector.modify(conn.sock, wanted, conn)
+            return
+        del self._handshaking[conn.sock.fileno()]
+        conn.handshaking = False
+        self._wait_for_head(conn, register=False)
+
+    def _handshake_failed(self, conn: _Connection, reason: str) -> None:
+        self.stats["tls_handshake_failures_total"] += 1
+        log.debug(
+            "dashboard: TLS handshake with %s failed: %s", displayable.text(conn.address), reason
+        )
+        self._close(conn)
 
     def _on_readable(self, conn: _Connection) -> None:
         try:
             data = conn.sock.recv(MAX_HEAD_BYTES + 1 - len(conn.buffer))
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError:
             self._close(conn)
@@ -355,7 +434,7 @@ class DashboardServer:
                 out[0] = out[0][sent:]
                 if not out[0]:
                     out.pop(0)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError:
             self._close(conn)
@@ -385,11 +464,14 @@ class DashboardServer:
         self._close(conn)
 
     def _expire(self, now: float) -> None:
-        for table in (self._waiting, self._sending):
+        for table in (self._handshaking, self._waiting, self._sending):
             while table:
                 conn = next(iter(table.values()))
                 if conn.deadline > now:
                     break
+                if table is self._handshaking:
+                    self._handshake_failed(conn, "not finished in time")
+                    continue
                 if table is self._waiting:
                     self.stats["request_timeouts_total"] += 1
                     if conn.buffer.strip():  # a request started and never finished
@@ -401,6 +483,7 @@ class DashboardServer:
         fd = conn.sock.fileno()
         if fd < 0:
             return
+        self._handshaking.pop(fd, None)
         self._waiting.pop(fd, None)
         self._sending.pop(fd, None)
         with contextlib.suppress(KeyError, ValueError):
