@@ -1,7 +1,8 @@
 """The ``webserver`` role's web side: cached cluster state, dashboard, JSON API, metrics.
 
 One module per job: ``state`` keeps a compact copy of the cluster fetched from the
-master, ``svg`` draws plots, ``dashboard`` renders HTML, ``api`` the JSON documents,
+master, ``svg`` draws plots, ``dashboard`` renders HTML (``page`` is the frame and its
+escaping, ``plots`` picks the plots, ``nodepage`` one node), ``api`` the JSON documents,
 ``metrics`` the Prometheus exposition; ``http`` serves them with the stdlib
 (``server`` is its event loop, ``handler`` answers one request).
 Nothing here talks to the master directly except ``state.refresh`` through the
