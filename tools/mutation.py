@@ -52,6 +52,7 @@ SERVER_TESTS = [
 ]
 CONNECTION_TESTS = [
     "tests/test_connection_session.py",
+    "tests/test_master_queries.py",
     "tests/test_peer_tls.py",
     "tests/test_connection_edges.py",
     "tests/test_bad_input.py",
