@@ -1,11 +1,17 @@
 """What the master tells about itself (views.py), over real sockets on 127.0.0.1: the TLS
-object's days left recomputed at every call from the expiry read at start, and alerts
-evaluated by the event loop on its own and shown in the master dict."""
+object's days left recomputed at every call from the expiry read at start, alerts evaluated
+by the event loop on its own and shown in the master dict with the webhook's target (never
+its path), and the summary lines of the master's rate-limited logs, each naming what it
+counts."""
 
 from __future__ import annotations
 
+import json
+import logging
 import socket
 import time
+
+import pytest
 
 from rpicluster import protocol as p
 from rpicluster.tls import days_left
@@ -56,3 +62,48 @@ def test_alerts_are_evaluated_by_the_loop_and_shown_in_the_master_dict(
     shown = alerts()
     assert shown["firing_count"] == 1
     assert shown["webhook"]["enabled"] is False  # no webhook_url: shown, not sent
+
+
+def test_the_webhook_is_shown_without_its_secret_path(master_factory):
+    url = "http://127.0.0.1:9/hooks/secret-token?key=also-secret"
+    master = master_factory(
+        cluster=QUIET, alerts={"webhook_url": url, "webhook_format": "chat", "webhook_timeout": 2}
+    )
+    webhook = master.cluster_state()["master"]["alerts"]["webhook"]
+    assert webhook["enabled"] is True and webhook["ok"] is True, webhook
+    assert webhook["target"] == "http://127.0.0.1:9" and webhook["format"] == "chat"
+    assert "secret" not in json.dumps(webhook)
+
+
+@pytest.mark.parametrize(
+    ("limiter", "what", "level"),
+    [
+        ("log_joins", "joins", logging.INFO),
+        ("log_leaves", "disconnections", logging.INFO),
+        ("log_deaths", "silent nodes marked dead", logging.WARNING),
+        ("log_refusals", "refused connections", logging.INFO),
+        ("log_members", "refused member messages", logging.INFO),
+        ("log_loop", "event loop errors", logging.INFO),
+        ("log_alerts", "alert notifications", logging.INFO),
+    ],
+)
+def test_each_summary_of_suppressed_lines_names_what_it_counts(
+    master_factory, caplog, limiter, what, level
+):
+    """21 lines in one window: 20 logged, then one summary line once the window is over."""
+    caplog.set_level(logging.INFO, logger="rpicluster")
+    master = master_factory(cluster=QUIET)
+    log = getattr(master, limiter)
+    start = log.start + log.window  # a window of its own, after any the master opened
+
+    def flood() -> None:
+        for i in range(log.limit + 1):
+            log(start, logging.INFO, "line %d of the test", i)
+        log.flush(start + log.window)
+
+    master.loop.call_soon_threadsafe(flood)
+    summary = f"1 more {what} in the last 10 s (not logged one by one)"
+    wait_for(lambda: summary in [r.getMessage() for r in caplog.records], what=summary)
+    (record,) = [r for r in caplog.records if r.getMessage() == summary]
+    assert record.levelno == level
+    assert len([r for r in caplog.records if "of the test" in r.getMessage()]) == log.limit
