@@ -22,9 +22,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import psutil
 
+from bench import memmap
 from bench.master_load import cpu_pressure
 from bench.report import append
 from bench.simslaves import enable_tls, tls_dir, tls_settings
@@ -82,10 +84,14 @@ def write_configs(workdir: Path, port: int, slaves: list[str]) -> tuple[Path, li
 
 
 def pi_like_python(workdir: Path) -> str:
-    """A bare venv that imports rpicluster and psutil from plain sys.path entries.
+    """A bare venv with rpicluster installed in it as pip installs the wheel on a Pi.
 
-    This is how the wheel runs on a Pi: no editable-install finder and no
-    ``_distutils_hack``, whose imports the dev venv's processes pay on top.
+    The package is copied into the venv's site-packages and byte-compiled there
+    (pip compiles every module at install time, so a Pi's slave loads ``.pyc``
+    files; compiling the sources at each start would cost about 1 MB of RSS that
+    a Pi never pays, and would happen here whenever PYTHONDONTWRITEBYTECODE is
+    set). psutil comes from a plain sys.path entry. No editable-install finder
+    and no ``_distutils_hack``, whose imports the dev venv's processes pay on top.
     """
     venv = workdir / "pi-venv"
     base = getattr(sys, "_base_executable", sys.executable)
@@ -98,9 +104,15 @@ def pi_like_python(workdir: Path) -> str:
         text=True,
     ).stdout.strip()
     repo = Path(__file__).resolve().parent.parent
-    Path(site, "rpicluster-bench.pth").write_text(
-        f"{repo}\n{Path(psutil.__file__).parent.parent}\n"
+    shutil.copytree(
+        repo / "rpicluster",
+        Path(site, "rpicluster"),
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
     )
+    subprocess.run(
+        [str(python), "-m", "compileall", "-q", str(Path(site, "rpicluster"))], check=True
+    )
+    Path(site, "rpicluster-bench.pth").write_text(f"{Path(psutil.__file__).parent.parent}\n")
     return str(python)
 
 
@@ -147,8 +159,13 @@ def wait_registered(port: int, node_id_file: Path, timeout: float = 30.0) -> tup
     raise SystemExit(f"a slave did not register with vitals within {timeout:g} s")
 
 
-def measure(seconds: float, tls: bool = False) -> list[str]:
-    """Run a Pi-like slave and the dev venv's console script side by side, same window."""
+def measure(seconds: float, tls: bool = False, env: Optional[dict[str, str]] = None) -> list[str]:
+    """Run a Pi-like slave and the dev venv's console script side by side, same window.
+
+    ``env``: variables set for the two slaves only (the unit's ``Environment=``
+    lines on a Pi, such as glibc's MALLOC_ARENA_MAX), so each can be measured.
+    """
+    slave_env = {**os.environ, **(env or {})}
     workdir = Path(tempfile.mkdtemp(prefix="rpicluster-footprint-"))
     port = free_port()
     names = ["pi", "dev"]
@@ -167,7 +184,9 @@ def measure(seconds: float, tls: bool = False) -> list[str]:
     load_before = os.getloadavg()[0]
     try:
         for name, config in zip(names, slave_cfgs):
-            procs[name] = subprocess.Popen([*commands[name], "--config", str(config)], **quiet)
+            procs[name] = subprocess.Popen(
+                [*commands[name], "--config", str(config)], env=slave_env, **quiet
+            )
         vitals, node_ids = {}, {}
         for name in names:
             node_ids[name], vitals[name] = wait_registered(
@@ -189,6 +208,7 @@ def measure(seconds: float, tls: bool = False) -> list[str]:
         end_cpu = {name: h.cpu_times() for name, h in handles.items()}
         uss = {name: h.memory_full_info().uss for name, h in handles.items()}
         threads = {name: h.num_threads() for name, h in handles.items()}
+        where = {name: memmap.describe(h.pid) for name, h in handles.items()}
         alive = all(proc.poll() is None for proc in procs.values())
         psi = cpu_pressure()
         last = latest_vitals(port, node_ids["pi"])  # a later reading: the rates have values
@@ -210,6 +230,8 @@ def measure(seconds: float, tls: bool = False) -> list[str]:
         f" {threads['pi']} threads each; both measured in the same {elapsed:.1f} s window",
         f"vitals: {len(vitals['pi'])} keys with the Pi readings ({', '.join(PI_READINGS)});"
         f" with a value in the last reading on this machine: {', '.join(present) or 'none'}",
+        "slave environment: "
+        + (" ".join(f"{key}={value}" for key, value in (env or {}).items()) or "(unchanged)"),
         f"machine load average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f},"
         f" CPU pressure (PSI some avg60) {psi} (other sessions share these cores)",
     ]
@@ -227,6 +249,7 @@ def measure(seconds: float, tls: bool = False) -> list[str]:
             f" CPU {cpu_percent:.3f} % of one core ({used:.2f} s),"
             f" target <= {CPU_TARGET_PERCENT:g} % {verdict_cpu}"
         )
+        lines.append(f"{name} slave's RSS by mapping (bench/memmap.py): {where[name]}")
     return lines
 
 
@@ -234,13 +257,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="measurement window")
     parser.add_argument("--tls", action="store_true", help="with [tls] (issue 8: <= 22 MB)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the slaves (repeatable), e.g. MALLOC_ARENA_MAX=2",
+    )
     args = parser.parse_args()
     if args.seconds < 5:
         parser.error("--seconds must be at least 5")
     global RSS_TARGET_MB
     if args.tls:
         RSS_TARGET_MB = 22.0
-    lines = measure(args.seconds, args.tls)
+    env = dict(item.split("=", 1) for item in args.env if "=" in item)
+    lines = measure(args.seconds, args.tls, env)
     tls = " with TLS" if args.tls else ""
     append(f"slave_footprint: one rpicluster-slave running basic,vitals{tls}", lines)
     return 0
