@@ -216,3 +216,24 @@ def test_stopping_a_master_that_never_started_does_nothing(make_config, tmp_path
     master.stop()
     assert master.store is None and master.loop is None
     assert caplog.records == []
+
+
+def test_periodic_work_that_fails_is_logged_and_runs_again(master_factory, cluster_secret, caplog):
+    master = master_factory(cluster=QUIET)
+    store = master.store
+    save = store.save_nodes
+    failures = []
+
+    def failing(rows) -> None:
+        if len(failures) < 2:
+            failures.append(rows)
+            raise RuntimeError("disk on fire")
+        save(rows)
+
+    store.save_nodes = failing
+    wait_for(lambda: len(failures) == 2, what="two flushes failed")
+    sock = join(master, cluster_secret)  # a new node: a changed row for the next flush
+    wait_for(lambda: "n1" in saved_last_seen(master), what="the flush working again")
+    failed = [r for r in caplog.records if r.getMessage() == "periodic _flush failed"]
+    assert len(failed) == 2 and all(r.exc_info and r.exc_info[0] is RuntimeError for r in failed)
+    sock.close()
