@@ -65,6 +65,13 @@ CONNECTION_TESTS = [
 ]
 # The store (store.py and the three modules split from it) and the tests about it.
 STORE_TESTS = ["tests/test_store_robust.py", "tests/test_store_edges.py"]
+# Run before a mutant's other tests (tests/conftest.py reads RPICLUSTER_TESTS_FIRST): a
+# mutant that keeps the master's loop from stopping passes most tests but costs each its
+# stop timeout at teardown; this quick test fails on it at once.
+FIRST = [
+    "tests/test_master_stop.py::"
+    "test_a_clean_stop_says_goodbye_to_every_peer_and_saves_the_registry_once_on_the_loop"
+]
 # A 10-second test: a mutant run re-runs it for every mutant of a function it calls. It
 # checks the fleet as a whole; the faults it throws are each tested on their own too.
 DESELECT = ["tests/test_adversarial_master.py::test_fleet_survives_every_attack_class"]
@@ -276,7 +283,7 @@ def run_module(module: str, jobs: int, equivalent: set[str], again: bool = False
     names = refresh_tests(module) if again else []
     work = WORK / module if again else prepare(module)
     mutmut = Path(sys.executable).with_name("mutmut")
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "RPICLUSTER_TESTS_FIRST": ",".join(FIRST)}
     what = f"{len(names)} mutants not killed last time" if again else "every mutant"
     print(f"== {module}: mutmut run, {what} ({MODULES[module][0]}, {jobs} jobs)", flush=True)
     if again and not names:
