@@ -37,6 +37,13 @@ from rpicluster.config import TlsSettings
 
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
 READ_SIZE = 65536
+# A memory BIO keeps the capacity of the largest write it ever held (about 4/3 of
+# it) for the life of its connection, and the master keeps two per connection. So
+# ciphertext goes in and out of them in slices: one heartbeat is one slice, and a
+# large frame or reply leaves at most a slice's worth behind instead of its size
+# (bench/results.md, "What limits the TLS figures"; bench.tls_costs measures it).
+IN_SLICE = 512  # smaller than a client's handshake flight (about 900 bytes)
+OUT_SLICE = 4096  # plaintext per record written; a reply of any size leaves ~5.5 KiB
 
 
 class TlsError(Exception):
@@ -79,9 +86,16 @@ def _load(context: ssl.SSLContext, settings: TlsSettings) -> ssl.SSLContext:
 
 
 def server_context(settings: TlsSettings) -> ssl.SSLContext:
-    """The master's context: TLS 1.2+, a client certificate of the cluster CA required."""
+    """The master's context: TLS 1.2+, a client certificate of the cluster CA required.
+
+    No TLS 1.3 session tickets: slaves and clients never resume a session (each
+    connection is a full handshake, which binds the peer's certificate anew), so
+    the two tickets OpenSSL would send after every handshake are wasted: about
+    1.2 KB on the wire and two ticket encryptions of the master's CPU each.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.verify_mode = ssl.CERT_REQUIRED
+    context.num_tickets = 0
     return _load(context, settings)
 
 
@@ -291,6 +305,15 @@ class ServerTls:
         self.ready = False
 
     def feed(self, data: bytes) -> bytes:
+        # Slice by slice (IN_SLICE), each consumed before the next is written, so the
+        # incoming BIO never grows past a slice whatever size the peer's records are.
+        if len(data) <= IN_SLICE:
+            return self._feed_slice(data)
+        view = memoryview(data)
+        plain = [self._feed_slice(view[i : i + IN_SLICE]) for i in range(0, len(view), IN_SLICE)]
+        return b"".join(plain)
+
+    def _feed_slice(self, data: Any) -> bytes:
         self.incoming.write(data)
         obj = self.obj
         if not self.ready:
@@ -313,14 +336,25 @@ class ServerTls:
             # Stop without the exception when nothing is left (a heartbeat is one record).
             if not self.incoming.pending and not obj.pending():
                 break
+        if not chunks:
+            return b""
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def output(self) -> bytes:
         return self.outgoing.read()
 
     def encrypt(self, data: bytes) -> bytes:
-        self.obj.write(data)
-        return self.outgoing.read()
+        # A record per OUT_SLICE, each read out at once: the outgoing BIO never holds
+        # a whole large reply (a dashboard's cluster query), only one record of it.
+        if len(data) <= OUT_SLICE:
+            self.obj.write(data)
+            return self.outgoing.read()
+        view = memoryview(data)
+        records = []
+        for start in range(0, len(view), OUT_SLICE):
+            self.obj.write(view[start : start + OUT_SLICE])
+            records.append(self.outgoing.read())
+        return b"".join(records)
 
     def peer_cert(self) -> dict[str, Any]:
         return self.obj.getpeercert() or {}
