@@ -196,7 +196,7 @@ def _master_with_alerts() -> dict[str, Any]:
 
 
 def test_status_table_shows_firing_alerts_and_a_failing_webhook():
-    from rpicluster.cli import format_table
+    from rpicluster.status import format_table
 
     lines = format_table({"master": _master_with_alerts(), "nodes": []}).splitlines()
     assert lines[0].endswith("; 2 alert(s) firing; WEBHOOK FAILING: HTTP 502 Bad Gateway")

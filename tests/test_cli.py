@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import rpicluster
-from rpicluster.cli import format_table
+from rpicluster.status import format_table
 from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent

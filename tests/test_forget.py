@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rpicluster import cli
+from rpicluster import cli, command
 from rpicluster import protocol as p
 from rpicluster.config import ConfigError, parse_config
 from rpicluster.master.writequeue import Batch
@@ -67,7 +67,7 @@ def test_forget_a_dead_node_by_name_removes_it_and_its_history(
     dead(master, cluster_secret, "id-old", hostname="pi-old")
     dead(master, cluster_secret, "id-keep", hostname="pi-keep")
     wait_for(lambda: saved(master, "id-old"), 5, what="row and history on disk")
-    assert forget(tmp_path, master, cluster_secret, "pi-old") == cli.EXIT_OK
+    assert forget(tmp_path, master, cluster_secret, "pi-old") == command.EXIT_OK
     assert "forgot node pi-old (id-old), was dead" in capsys.readouterr().out
     assert "id-old" not in master.registry.nodes
     assert "id-keep" in master.registry.nodes
@@ -78,7 +78,7 @@ def test_forget_a_dead_node_by_name_removes_it_and_its_history(
     assert rows(master, "vitals", "id-old") == 0
     assert saved(master, "id-keep")
     # Forgetting again: not known, exit 1 (remove.yml treats it as done).
-    assert forget(tmp_path, master, cluster_secret, "id-old") == cli.EXIT_NOT_KNOWN
+    assert forget(tmp_path, master, cluster_secret, "id-old") == command.EXIT_NOT_KNOWN
     assert "not_found" in capsys.readouterr().err
 
 
@@ -88,7 +88,7 @@ def test_forgotten_node_stays_forgotten_after_a_master_restart(
     first = master_factory()
     dead(first, cluster_secret, "gone")
     wait_for(lambda: saved(first, "gone"), 5, what="saved")
-    assert forget(tmp_path, first, cluster_secret, "gone") == cli.EXIT_OK
+    assert forget(tmp_path, first, cluster_secret, "gone") == command.EXIT_OK
     state_dir = str(first.store.path.parent)
     first.stop()
     again = master_factory(state_dir=state_dir)
@@ -97,10 +97,10 @@ def test_forgotten_node_stays_forgotten_after_a_master_restart(
 
 def test_connected_node_is_refused_unless_forced(tmp_path, master, cluster_secret, capsys):
     sock = join(master, cluster_secret, "busy", hostname="pi-busy")
-    assert forget(tmp_path, master, cluster_secret, "pi-busy") == cli.EXIT_CONNECTED
+    assert forget(tmp_path, master, cluster_secret, "pi-busy") == command.EXIT_CONNECTED
     assert "connected" in capsys.readouterr().err
     assert master.registry.nodes["busy"].sessions
-    assert forget(tmp_path, master, cluster_secret, "pi-busy", "--force") == cli.EXIT_OK
+    assert forget(tmp_path, master, cluster_secret, "pi-busy", "--force") == command.EXIT_OK
     assert "1 connection(s) closed" in capsys.readouterr().out
     message = p.recv_message(sock)
     while message["type"] != p.ERROR:  # acks of earlier frames may come first
@@ -119,17 +119,17 @@ def test_connected_node_is_refused_unless_forced(tmp_path, master, cluster_secre
 def test_a_name_shared_by_two_nodes_needs_the_node_id(tmp_path, master, cluster_secret, capsys):
     dead(master, cluster_secret, "twin-a", hostname="pi-twin")
     dead(master, cluster_secret, "twin-b", hostname="pi-twin")
-    assert forget(tmp_path, master, cluster_secret, "pi-twin") == cli.EXIT_CONFIG
+    assert forget(tmp_path, master, cluster_secret, "pi-twin") == command.EXIT_CONFIG
     err = capsys.readouterr().err
     assert "ambiguous" in err and "twin-a" in err and "twin-b" in err
-    assert forget(tmp_path, master, cluster_secret, "twin-b") == cli.EXIT_OK
+    assert forget(tmp_path, master, cluster_secret, "twin-b") == command.EXIT_OK
     assert sorted(master.registry.nodes) == ["twin-a"]
 
 
 def test_usage_and_unreachable_master(tmp_path, master, cluster_secret, capsys):
     with pytest.raises(SystemExit) as usage:
         cli.main(["forget"])
-    assert usage.value.code == cli.EXIT_CONFIG
+    assert usage.value.code == command.EXIT_CONFIG
     port = master.port
     master.stop()
     cfg = tmp_path / "c.cfg"
@@ -137,8 +137,8 @@ def test_usage_and_unreachable_master(tmp_path, master, cluster_secret, capsys):
         f"[cluster]\nsecret = {cluster_secret}\n[slave]\nmaster_ip = 127.0.0.1\n"
         f"socket_port = {port}\n"
     )
-    assert cli.main(["forget", "--config", str(cfg), "x"]) == cli.EXIT_NO_MASTER
-    assert cli.main(["forget", "--config", str(tmp_path / "none.cfg"), "x"]) == cli.EXIT_CONFIG
+    assert cli.main(["forget", "--config", str(cfg), "x"]) == command.EXIT_NO_MASTER
+    assert cli.main(["forget", "--config", str(tmp_path / "none.cfg"), "x"]) == command.EXIT_CONFIG
 
 
 def test_a_slave_connection_may_not_forget(master, cluster_secret):

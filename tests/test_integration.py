@@ -337,7 +337,7 @@ def test_two_roles_in_one_process_and_sigterm_leaves(master, slave_process):
         what="both roles joined",
     )
     assert node["state"] == "alive"
-    # basic and vitals only: the slave keeps OpenSSL's libcrypto out (cli._lean_hashing).
+    # basic and vitals only: the slave keeps OpenSSL's libcrypto out (runner.lean_hashing).
     assert "libcrypto" not in Path(f"/proc/{process.pid}/maps").read_text()
     process.send_signal(signal.SIGTERM)
     assert process.wait(5) == 0

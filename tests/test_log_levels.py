@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rpicluster import cli
+from rpicluster import cli, command
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = REPO / "roles" / "rpicluster_common"
@@ -39,12 +39,12 @@ def preflight_levels() -> list[str]:
 
 
 def test_spec_preflight_and_cli_name_the_same_levels():
-    assert spec_levels() == preflight_levels() == list(cli.LOG_LEVELS)
+    assert spec_levels() == preflight_levels() == list(command.LOG_LEVELS)
 
 
 def test_the_role_default_is_one_of_them():
     defaults = load(COMMON / "defaults" / "main.yml")
-    assert defaults["rpicluster_log_level"] in cli.LOG_LEVELS
+    assert defaults["rpicluster_log_level"] in command.LOG_LEVELS
 
 
 @pytest.mark.parametrize("level", spec_levels())
@@ -80,5 +80,5 @@ def test_critical_runs_a_real_command(tmp_path: Path):
         text=True,
         timeout=30,
     )
-    assert result.returncode == cli.EXIT_UNREACHABLE, result.stderr
+    assert result.returncode == command.EXIT_UNREACHABLE, result.stderr
     assert "--log-level" not in result.stderr

@@ -405,7 +405,7 @@ def test_the_quick_start_configs_load_unchanged():
     [(100, ""), (30.2, ""), (12.4, "cert expires in 12 d"), (-0.5, "CERT EXPIRED"), (None, "")],
 )
 def test_a_certificate_near_expiry_is_a_warning(days, shown):
-    from rpicluster.cli import cert_warning
+    from rpicluster.status import cert_warning
 
     assert cert_warning({"name": "pi-a", "days_left": days}) == shown
     assert cert_warning(None) == ""

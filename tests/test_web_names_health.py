@@ -14,7 +14,7 @@ import re
 import time
 from typing import Any
 
-from rpicluster.cli import format_table
+from rpicluster.status import format_table
 from rpicluster.web import api, dashboard
 from rpicluster.web.state import ClusterState, Snapshot
 

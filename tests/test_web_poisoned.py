@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rpicluster import displayable, humanize
-from rpicluster.cli import format_table
+from rpicluster.status import format_table
 from rpicluster.web import api, dashboard
 from rpicluster.web.metrics import MetricsRenderer
 from rpicluster.web.state import ClusterState, History, Snapshot
@@ -260,12 +260,12 @@ def test_html_injection_in_every_string_field_stays_text():
 
 def test_the_console_scripts_log_one_line_per_record(capsys):
     """rpicluster, rpicluster-master and rpicluster-slave set up OneLineFormatter."""
-    from rpicluster import cli
+    from rpicluster import command
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
-        cli._setup_logging("INFO")
+        command.setup_logging("INFO")
         logging.getLogger("rpicluster.master").warning("node %s joined", FORGED + ESC)
     finally:
         root.handlers[:] = handlers
