@@ -4,8 +4,11 @@ Starts a master and two slaves as subprocesses on 127.0.0.1: one launched the
 way the wheel's console script runs on a Pi, one from the dev venv's console
 script (whose editable-install import hooks cost extra RSS), waits until both
 are registered with vitals, then samples their RSS every second and their CPU
-time at both ends of the same window. Targets (issue 2, kept by issue 9 with the
-Pi health readings): at most 20 MB RSS and 0.5 % of one core.
+time at both ends of the same window. The Pi-like one runs with the fixed
+``Environment=`` lines of the slave's systemd unit, as systemd runs it on a Pi.
+Each slave's RSS is also split by kind of mapping (bench/memmap.py). Targets
+(issue 2, kept by issue 9 with the Pi health readings): at most 20 MB RSS and
+0.5 % of one core; with ``--tls`` (issue 8) at most 22 MB.
 
     python -m bench.slave_footprint --seconds 60
 """
@@ -116,6 +119,26 @@ def pi_like_python(workdir: Path) -> str:
     return str(python)
 
 
+SLAVE_UNIT = Path(__file__).resolve().parent.parent / (
+    "roles/rpicluster_slave/templates/rpicluster-slave.service.j2"
+)
+
+
+def unit_environment() -> dict[str, str]:
+    """The fixed ``Environment=`` settings of the slave's systemd unit (template).
+
+    The Pi-like slave runs with them, as systemd runs the slave on a Pi (glibc's
+    malloc knobs change its RSS); templated ones (PYTHONPATH of custom roles) are
+    left out. Read from the role's template so the bench and the unit stay in step.
+    """
+    env = {}
+    for line in SLAVE_UNIT.read_text(encoding="utf-8").splitlines():
+        if line.startswith("Environment=") and "{" not in line:
+            key, _, value = line[len("Environment=") :].partition("=")
+            env[key] = value
+    return env
+
+
 # What the console script that pip writes for rpicluster-slave runs.
 CONSOLE_SCRIPT = "import sys; from rpicluster.cli import slave_main; sys.exit(slave_main())"
 
@@ -165,7 +188,10 @@ def measure(seconds: float, tls: bool = False, env: Optional[dict[str, str]] = N
     ``env``: variables set for the two slaves only (the unit's ``Environment=``
     lines on a Pi, such as glibc's MALLOC_ARENA_MAX), so each can be measured.
     """
-    slave_env = {**os.environ, **(env or {})}
+    envs = {
+        "pi": {**os.environ, **unit_environment(), **(env or {})},
+        "dev": {**os.environ, **(env or {})},
+    }
     workdir = Path(tempfile.mkdtemp(prefix="rpicluster-footprint-"))
     port = free_port()
     names = ["pi", "dev"]
@@ -185,7 +211,7 @@ def measure(seconds: float, tls: bool = False, env: Optional[dict[str, str]] = N
     try:
         for name, config in zip(names, slave_cfgs):
             procs[name] = subprocess.Popen(
-                [*commands[name], "--config", str(config)], env=slave_env, **quiet
+                [*commands[name], "--config", str(config)], env=envs[name], **quiet
             )
         vitals, node_ids = {}, {}
         for name in names:
@@ -230,8 +256,11 @@ def measure(seconds: float, tls: bool = False, env: Optional[dict[str, str]] = N
         f" {threads['pi']} threads each; both measured in the same {elapsed:.1f} s window",
         f"vitals: {len(vitals['pi'])} keys with the Pi readings ({', '.join(PI_READINGS)});"
         f" with a value in the last reading on this machine: {', '.join(present) or 'none'}",
-        "slave environment: "
-        + (" ".join(f"{key}={value}" for key, value in (env or {}).items()) or "(unchanged)"),
+        "environment: the pi slave "
+        + _env_text({**unit_environment(), **(env or {})})
+        + " (the unit's Environment= lines"
+        + (" and --env" if env else "")
+        + f"), the dev slave {_env_text(env or {})}",
         f"machine load average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f},"
         f" CPU pressure (PSI some avg60) {psi} (other sessions share these cores)",
     ]
@@ -251,6 +280,10 @@ def measure(seconds: float, tls: bool = False, env: Optional[dict[str, str]] = N
         )
         lines.append(f"{name} slave's RSS by mapping (bench/memmap.py): {where[name]}")
     return lines
+
+
+def _env_text(env: dict[str, str]) -> str:
+    return " ".join(f"{key}={value}" for key, value in env.items()) or "(unchanged)"
 
 
 def main() -> int:

@@ -8,7 +8,6 @@ setting must never half-start a Pi. ``rpicluster.cfg.example`` documents the key
 from __future__ import annotations
 
 import configparser
-import difflib
 import ipaddress
 import math
 import re
@@ -566,6 +565,8 @@ def _check_known_keys(r: _Reader) -> None:
         keys = [f.name for f in fields(settings)]
         for key in r.parser.options(section):
             if key not in keys:
+                import difflib  # here: only a wrong key needs it (0.2 MB of a slave's RSS)
+
                 close = difflib.get_close_matches(key, keys, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(keys)})"
                 raise r.error(section, key, f"is not a known setting{hint}")
