@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
 import time
 
 import pytest
@@ -107,3 +108,22 @@ def test_each_summary_of_suppressed_lines_names_what_it_counts(
     (record,) = [r for r in caplog.records if r.getMessage() == summary]
     assert record.levelno == level
     assert len([r for r in caplog.records if "of the test" in r.getMessage()]) == log.limit
+
+
+def test_cluster_state_is_built_on_the_loop_from_any_thread(master_factory):
+    """The registry belongs to the loop's thread: another thread's call is run there."""
+    master = master_factory(cluster=QUIET)
+    built_on = []
+    master_dict = master.master_dict
+
+    def recording(full: bool = True) -> dict:
+        built_on.append(threading.current_thread())
+        return master_dict(full)
+
+    master.master_dict = recording
+    loop_thread = master._thread
+    assert master.cluster_state()["total"] == 0
+    assert built_on == [loop_thread]
+    master.stop()
+    assert master.cluster_state()["total"] == 0  # the loop has ended: built here
+    assert built_on == [loop_thread, threading.current_thread()]
