@@ -258,3 +258,40 @@ def test_a_suspect_nodes_heartbeat_makes_it_alive_again(master_factory, cluster_
     assert p.recv_message(sock) == {"type": p.HEARTBEAT_ACK, "seq": 1}
     assert state(master) == "alive"
     sock.close()
+
+
+def test_a_peer_that_does_not_read_its_replies_is_dropped_with_the_reason(
+    master_factory, cluster_secret
+):
+    master = master_factory(cluster=QUIET)
+    details = {f"key{i:02}": "v" * 190 for i in range(32)}  # about 6.6 KB per node
+    slaves = []
+    for i in range(16):
+        sock = connect(master)
+        p.client_handshake(
+            sock, cluster_secret, kind=p.KIND_SLAVE, node_id=f"n{i}", role="basic", details=details
+        )
+        slaves.append(sock)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little
+    client.settimeout(30)
+    client.connect(("127.0.0.1", master.port))
+    p.client_handshake(client, cluster_secret, kind=p.KIND_CLIENT, node_id="cli", role="status")
+    # About 22 MB of replies asked for, none read until every query is sent.
+    client.sendall(p.make(p.QUERY, id=1, what="cluster") * 200)
+    frames = []
+    with pytest.raises(p.DisconnectionError):
+        while True:
+            frames.append(p.recv_message(client))
+    *replies, last = frames
+    assert last == {
+        "type": p.ERROR,
+        "code": p.E_BAD_MESSAGE,
+        "message": "peer does not read its replies",
+    }
+    assert 0 < len(replies) < 200
+    assert all(reply["type"] == p.REPLY and reply["ok"] for reply in replies)
+    assert counters(master)["bad_messages_total"] == 1
+    client.close()
+    for sock in slaves:
+        sock.close()
