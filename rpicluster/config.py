@@ -3,245 +3,78 @@
 Every key is checked before anything starts, and a bad one stops the program
 with exit code 2 and one line naming the file, the section and the key: a wrong
 setting must never half-start a Pi. ``rpicluster.cfg.example`` documents the keys.
+The work is shared by three modules: this one reads each section and checks
+the file as a whole (unknown keys, the plain protocol on loopback only);
+``settings.py`` holds what a valid file gives (``Config`` and a dataclass per
+section, ``ConfigError``), ``configvalues.py`` the typed values every section
+uses. Everything is importable from here, as before.
 """
 
 from __future__ import annotations
 
 import configparser
-import ipaddress
-import math
-import re
 import urllib.parse
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from rpicluster import memberdata as md
+from rpicluster.configvalues import Reader, flag, is_loopback, parse_groups, parse_roles
 from rpicluster.protocol import DEFAULT_MAX_FRAME_SIZE
+from rpicluster.settings import (
+    BUILTIN_ROLES,
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_FORGET_AFTER,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_UNAUTHENTICATED,
+    DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
+    DEFAULT_PORT,
+    DEFAULT_STATE_DIR,
+    DEFAULT_WEBSERVER_PORT,
+    MAX_FORGET_AFTER,
+    MIN_SECRET_LENGTH,
+    WEBHOOK_FORMATS,
+    AlertSettings,
+    ClusterSettings,
+    Config,
+    ConfigError,
+    MasterSettings,
+    SlaveSettings,
+    TlsSettings,
+    WebserverSettings,
+)
 
-DEFAULT_CONFIG_PATH = "/etc/rpicluster/rpicluster.cfg"
-DEFAULT_STATE_DIR = "/var/lib/rpicluster"
-DEFAULT_PORT = 5005
-DEFAULT_WEBSERVER_PORT = 8123
-BUILTIN_ROLES = ("basic", "vitals", "webserver")
-MIN_SECRET_LENGTH = 16
-DEFAULT_MAX_CONNECTIONS = 30000  # 10,000 Pis with 2-3 roles each, well below LimitNOFILE
-DEFAULT_MAX_UNAUTHENTICATED = 1024
-DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS = 64
-DEFAULT_FORGET_AFTER = 7 * 24 * 3600.0  # a week: a Pi away for a weekend is not forgotten
-MAX_FORGET_AFTER = 10 * 365 * 24 * 3600.0
-
-_DOTTED_ROLE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
-
-
-class ConfigError(Exception):
-    """A setting is missing or wrong; ``str()`` names file, section and key."""
-
-    def __init__(self, path: str, section: Optional[str], key: Optional[str], problem: str):
-        where = path
-        if section:
-            where += f": [{section}]"
-        if key:
-            where += f" {key}"
-        super().__init__(f"{where}: {problem}")
-        self.path, self.section, self.key, self.problem = path, section, key, problem
-
-
-@dataclass(frozen=True)
-class TlsSettings:
-    """``[tls]``: this Pi's credential and the cluster CA (paths on the Pi; tls.py)."""
-
-    ca_file: str
-    cert_file: str
-    key_file: str
-    # Slaves and clients: the name the master's certificate must hold (DNS or IP
-    # SAN). Empty: the address dialled ([slave] master_ip, or the master's bind).
-    master_name: str = ""
-
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    """What the master and every slave must agree on ([cluster])."""
-
-    secret: str
-    heartbeat_interval: float = 1.0
-    suspect_after: float = 2.5
-    dead_after: float = 5.0
-    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-    handshake_timeout: float = 5.0
-
-
-@dataclass(frozen=True)
-class MasterSettings:
-    """Where the master listens and keeps its registry ([master])."""
-
-    socket_bind_ip: str = "0.0.0.0"
-    socket_port: int = DEFAULT_PORT
-    state_dir: str = DEFAULT_STATE_DIR
-    history_window: float = 3600.0
-    # Bounds on connections (master/admission.py); the unit's LimitNOFILE is 65536.
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED
-    max_unauthenticated_per_address: int = DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS
-    # Seconds a node may stay dead or left before the master forgets it (0: never).
-    forget_after: float = DEFAULT_FORGET_AFTER
-    # The master's own /metrics (master/metrics.py) on socket_bind_ip; 0 = off.
-    metrics_port: int = 0
+# The public names of rpicluster.config, wherever they are defined.
+__all__ = [
+    "BUILTIN_ROLES",
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_FORGET_AFTER",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_UNAUTHENTICATED",
+    "DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS",
+    "DEFAULT_PORT",
+    "DEFAULT_STATE_DIR",
+    "DEFAULT_WEBSERVER_PORT",
+    "MAX_FORGET_AFTER",
+    "MIN_SECRET_LENGTH",
+    "WEBHOOK_FORMATS",
+    "AlertSettings",
+    "ClusterSettings",
+    "Config",
+    "ConfigError",
+    "MasterSettings",
+    "SlaveSettings",
+    "TlsSettings",
+    "WebserverSettings",
+    "is_loopback",
+    "load_config",
+    "parse_config",
+    "parse_groups",
+    "parse_roles",
+]
 
 
-@dataclass(frozen=True)
-class SlaveSettings:
-    """How a slave finds its master and which roles it runs ([slave])."""
-
-    master_ip: str
-    socket_port: int = DEFAULT_PORT
-    roles: tuple[str, ...] = ("basic", "vitals")
-    state_dir: str = DEFAULT_STATE_DIR
-    reconnect_base: float = 1.0
-    reconnect_cap: float = 5.0
-    vitals_interval: float = 5.0
-    # The node's name shown everywhere (the inventory hostname, rendered by the
-    # role); None: the master falls back to the OS hostname, which many fleets
-    # leave at "raspberrypi" on every card.
-    node_name: Optional[str] = None
-    groups: tuple[str, ...] = ()  # the inventory groups of the node, sent with its details
-
-
-@dataclass(frozen=True)
-class WebserverSettings:
-    """The dashboard served by the ``webserver`` slave role ([webserver])."""
-
-    webserver_host: str = "0.0.0.0"
-    webserver_port: int = DEFAULT_WEBSERVER_PORT
-    refresh_interval: float = 2.0
-    history_window: float = 3600.0
-    # An optional login (HTTP Basic): both set, or neither (no login). The hash is
-    # pbkdf2_sha256$<iterations>$<salt>$<hash> (rpicluster/web/auth.py).
-    login_user: str = ""
-    login_password_hash: str = ""
-    # HTTPS (web/https.py): off by default. On, it serves https_cert_file and
-    # https_key_file, else this Pi's own [tls] cert_file and key_file (resolved
-    # here, so these two always name the files served when https is on).
-    https: bool = False
-    https_cert_file: str = ""
-    https_key_file: str = ""
-
-
-WEBHOOK_FORMATS = ("json", "text", "chat")
-
-
-@dataclass(frozen=True)
-class AlertSettings:
-    """The master's alert rules and where it sends them ([alerts]; master/alerts.py).
-
-    A threshold of 0 turns its rule off. Without ``webhook_url`` the alerts are
-    still evaluated and shown (``rpicluster status``, the dashboard), not sent.
-    """
-
-    webhook_url: str = ""
-    webhook_format: str = "json"
-    webhook_timeout: float = 5.0
-    hold: float = 10.0
-    dead: bool = True
-    suspect_for: float = 60.0
-    temperature: float = 80.0
-    power: bool = True
-    disk_free_percent: float = 10.0
-    store: bool = True
-
-
-@dataclass(frozen=True)
-class Config:
-    """A validated ``rpicluster.cfg``. ``master``/``slave`` are None when absent."""
-
-    path: str
-    cluster: ClusterSettings
-    master: Optional[MasterSettings]
-    slave: Optional[SlaveSettings]
-    webserver: WebserverSettings
-    raw: configparser.ConfigParser = field(repr=False, compare=False)
-    alerts: AlertSettings = AlertSettings()
-    # [tls]: this Pi's certificate and the cluster CA; None runs HMAC only.
-    tls: Optional[TlsSettings] = None
-
-    def section(self, name: str) -> dict[str, str]:
-        """Raw options of any section, for a custom role's own settings."""
-        return dict(self.raw[name]) if self.raw.has_section(name) else {}
-
-    def master_address(self) -> tuple[str, int]:
-        """Where a client on this Pi reaches the master (used by ``rpicluster status``)."""
-        if self.slave is not None:
-            return self.slave.master_ip, self.slave.socket_port
-        if self.master is not None:
-            ip = self.master.socket_bind_ip
-            if ip in ("0.0.0.0", ""):
-                ip = "127.0.0.1"
-            elif ip == "::":
-                ip = "::1"
-            return ip, self.master.socket_port
-        raise ConfigError(self.path, "slave", "master_ip", "no [slave] or [master] section")
-
-
-# ------------------------------------------------------------------------ parsing
-
-
-class _Reader:
-    """Typed access to one parsed file that raises ConfigError naming the key."""
-
-    def __init__(self, path: str, parser: configparser.ConfigParser) -> None:
-        self.path = path
-        self.parser = parser
-
-    def error(self, section: str, key: str, problem: str) -> ConfigError:
-        return ConfigError(self.path, section, key, problem)
-
-    def raw(self, section: str, key: str, default: Optional[str]) -> str:
-        if self.parser.has_option(section, key):
-            value = self.parser.get(section, key, raw=True).strip()
-            if value:
-                return value
-        if default is None:
-            raise self.error(section, key, "is required but missing")
-        return default
-
-    def text(self, section: str, key: str, default: Optional[str] = None) -> str:
-        return self.raw(section, key, default)
-
-    def number(
-        self,
-        section: str,
-        key: str,
-        default: float,
-        *,
-        minimum: float,
-        maximum: float = math.inf,
-        kind: Callable[[str], Any] = float,
-    ) -> Any:
-        value = self.raw(section, key, str(default))
-        try:
-            number = kind(value)
-        except ValueError:
-            noun = "a whole number" if kind is int else "a number"
-            raise self.error(section, key, f"{value!r} is not {noun}") from None
-        if not math.isfinite(number):
-            raise self.error(section, key, f"{value!r} is not a finite number")
-        if not (minimum <= number <= maximum):
-            upper = "" if maximum == math.inf else f" and at most {maximum:g}"
-            raise self.error(section, key, f"{value} must be at least {minimum:g}{upper}")
-        return number
-
-    def port(self, section: str, key: str, default: int) -> int:
-        value = self.raw(section, key, str(default))
-        try:
-            port = int(value)
-        except ValueError:
-            raise self.error(section, key, f"{value!r} is not a port number") from None
-        if not 1 <= port <= 65535:
-            raise self.error(section, key, f"{port} is not a valid port (1-65535)")
-        return port
-
-
-def _read_cluster(r: _Reader) -> ClusterSettings:
+def _read_cluster(r: Reader) -> ClusterSettings:
     s = "cluster"
     if not r.parser.has_section(s):
         raise ConfigError(r.path, s, None, "section is missing (it holds the cluster secret)")
@@ -267,7 +100,7 @@ def _read_cluster(r: _Reader) -> ClusterSettings:
     )
 
 
-def _read_master(r: _Reader, cluster: ClusterSettings) -> MasterSettings:
+def _read_master(r: Reader, cluster: ClusterSettings) -> MasterSettings:
     s = "master"
     forget_after = r.number(
         s, "forget_after", DEFAULT_FORGET_AFTER, minimum=0.0, maximum=MAX_FORGET_AFTER
@@ -309,45 +142,7 @@ def _read_master(r: _Reader, cluster: ClusterSettings) -> MasterSettings:
     )
 
 
-def parse_roles(value: str) -> tuple[str, ...]:
-    """Split ``basic, vitals, pkg.mod:Class`` into names; ValueError names a bad one."""
-    roles = tuple(part.strip() for part in value.split(",") if part.strip())
-    if not roles:
-        raise ValueError("lists no role")
-    for role in roles:
-        if role not in BUILTIN_ROLES and not _DOTTED_ROLE.match(role):
-            raise ValueError(
-                f"unknown role {role!r} (built-in roles: {', '.join(BUILTIN_ROLES)};"
-                " a custom role is package.module:ClassName)"
-            )
-    if len(set(roles)) != len(roles):
-        raise ValueError(f"names a role twice: {value}")
-    return roles
-
-
-def parse_groups(value: str) -> tuple[str, ...]:
-    """Split ``slaves, rack1`` into group names; ValueError names a bad one.
-
-    Each group is a name of the protocol (docs/protocol.md section 5: printable,
-    1..256 characters), at most 64 of them, none twice: the master would refuse
-    the details otherwise, and the slave would join without its groups.
-    """
-    groups = tuple(part.strip() for part in value.split(",") if part.strip())
-    if len(groups) > md.MAX_ITEMS:
-        raise ValueError(f"lists {len(groups)} groups, more than {md.MAX_ITEMS}")
-    for group in groups:
-        problem = md.check_name(group, md.MAX_STRING)
-        if problem:
-            raise ValueError(f"group {group[:40]!r} {problem}")
-    seen: set[str] = set()
-    for group in groups:
-        if group in seen:
-            raise ValueError(f"names group {group!r} twice")
-        seen.add(group)
-    return groups
-
-
-def _read_node_name(r: _Reader) -> Optional[str]:
+def _read_node_name(r: Reader) -> Optional[str]:
     """``[slave] node_name``: a protocol name (printable, 1..256 characters), or None."""
     if not r.parser.has_option("slave", "node_name"):
         return None
@@ -360,7 +155,7 @@ def _read_node_name(r: _Reader) -> Optional[str]:
     return value
 
 
-def _read_slave(r: _Reader) -> SlaveSettings:
+def _read_slave(r: Reader) -> SlaveSettings:
     s = "slave"
     try:
         groups = parse_groups(r.text(s, "groups", ""))
@@ -387,7 +182,7 @@ def _read_slave(r: _Reader) -> SlaveSettings:
     )
 
 
-def _read_webserver(r: _Reader, tls: Optional[TlsSettings]) -> WebserverSettings:
+def _read_webserver(r: Reader, tls: Optional[TlsSettings]) -> WebserverSettings:
     s = "webserver"
     return WebserverSettings(
         webserver_host=r.text(s, "webserver_host", "0.0.0.0"),
@@ -399,9 +194,9 @@ def _read_webserver(r: _Reader, tls: Optional[TlsSettings]) -> WebserverSettings
     )
 
 
-def _read_https(r: _Reader, s: str, tls: Optional[TlsSettings]) -> dict[str, Any]:
+def _read_https(r: Reader, s: str, tls: Optional[TlsSettings]) -> dict[str, Any]:
     """``https`` and the files it serves: its own pair, else the node's ``[tls]`` one."""
-    https = _flag(r, s, "https", False)
+    https = flag(r, s, "https", False)
     cert = _config_path(r, r.text(s, "https_cert_file", ""))
     key = _config_path(r, r.text(s, "https_key_file", ""))
     if bool(cert) != bool(key):
@@ -429,7 +224,7 @@ def _read_https(r: _Reader, s: str, tls: Optional[TlsSettings]) -> dict[str, Any
     return {"https": True, "https_cert_file": cert, "https_key_file": key}
 
 
-def _config_path(r: _Reader, value: str) -> str:
+def _config_path(r: Reader, value: str) -> str:
     """A path as written, or relative to the config file's directory; empty stays empty."""
     if not value or Path(value).is_absolute():
         return value
@@ -437,7 +232,7 @@ def _config_path(r: _Reader, value: str) -> str:
     return str(base / value)
 
 
-def _read_login(r: _Reader, s: str) -> dict[str, str]:
+def _read_login(r: Reader, s: str) -> dict[str, str]:
     """``login_user`` and ``login_password_hash``: both or neither, the hash well-formed."""
     user = r.text(s, "login_user", "")
     password_hash = r.text(s, "login_password_hash", "")
@@ -456,16 +251,7 @@ def _read_login(r: _Reader, s: str) -> dict[str, str]:
     return {"login_user": user, "login_password_hash": password_hash}
 
 
-def _flag(r: _Reader, section: str, key: str, default: bool) -> bool:
-    value = r.raw(section, key, "yes" if default else "no").lower()
-    if value in ("yes", "true", "on", "1"):
-        return True
-    if value in ("no", "false", "off", "0"):
-        return False
-    raise r.error(section, key, f"{value!r} is not yes or no")
-
-
-def _read_alerts(r: _Reader) -> AlertSettings:
+def _read_alerts(r: Reader) -> AlertSettings:
     s = "alerts"
     url = r.text(s, "webhook_url", "")
     if url:
@@ -484,16 +270,16 @@ def _read_alerts(r: _Reader) -> AlertSettings:
         webhook_format=fmt,
         webhook_timeout=r.number(s, "webhook_timeout", 5.0, minimum=0.1, maximum=60),
         hold=r.number(s, "hold", 10.0, minimum=0.0, maximum=86400),
-        dead=_flag(r, s, "dead", True),
+        dead=flag(r, s, "dead", True),
         suspect_for=r.number(s, "suspect_for", 60.0, minimum=0.0, maximum=86400),
         temperature=r.number(s, "temperature", 80.0, minimum=0.0, maximum=200),
-        power=_flag(r, s, "power", True),
+        power=flag(r, s, "power", True),
         disk_free_percent=r.number(s, "disk_free_percent", 10.0, minimum=0.0, maximum=100),
-        store=_flag(r, s, "store", True),
+        store=flag(r, s, "store", True),
     )
 
 
-def _read_tls(r: _Reader) -> Optional[TlsSettings]:
+def _read_tls(r: Reader) -> Optional[TlsSettings]:
     """``[tls]``: all three files or none; each readable, the key private, all loadable."""
     s = "tls"
     if not r.parser.has_section(s):
@@ -520,18 +306,8 @@ def _read_tls(r: _Reader) -> Optional[TlsSettings]:
     return settings
 
 
-def is_loopback(address: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and ``localhost``: traffic that never leaves the machine."""
-    if address.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address.strip()).is_loopback
-    except ValueError:
-        return False
-
-
 def _check_plain_is_local(
-    r: _Reader, master: Optional[MasterSettings], slave: Optional[SlaveSettings]
+    r: Reader, master: Optional[MasterSettings], slave: Optional[SlaveSettings]
 ) -> None:
     """Without [tls] the HMAC proves membership only: allowed on loopback alone.
 
@@ -549,7 +325,7 @@ def _check_plain_is_local(
         raise r.error("slave", "master_ip", f"{slave.master_ip} {hint}")
 
 
-def _check_known_keys(r: _Reader) -> None:
+def _check_known_keys(r: Reader) -> None:
     """A misspelt key in a known section is an error, not a silently ignored line."""
     known = {
         "cluster": ClusterSettings,
@@ -586,7 +362,7 @@ def parse_config(
     except configparser.Error as exc:
         first_line = str(exc).splitlines()[0]
         raise ConfigError(path, None, None, f"not a valid INI file: {first_line}") from None
-    r = _Reader(path, parser)
+    r = Reader(path, parser)
     _check_known_keys(r)
     if need in ("master", "slave") and not parser.has_section(need):
         raise ConfigError(path, need, None, "section is missing")

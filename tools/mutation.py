@@ -63,6 +63,15 @@ CONNECTION_TESTS = [
     "tests/test_adversarial_master.py",
     "tests/test_master.py",
 ]
+# The config (config.py and the two modules split from it) and the tests about it.
+CONFIG_TESTS = [
+    "tests/test_config.py",
+    "tests/test_config_edges.py",
+    "tests/test_config_tls.py",
+    "tests/test_alerts.py",
+    "tests/test_names.py",
+    "tests/test_tls.py",
+]
 # The store (store.py and the three modules split from it) and the tests about it.
 STORE_TESTS = ["tests/test_store_robust.py", "tests/test_store_edges.py"]
 # Run before a mutant's other tests (tests/conftest.py reads RPICLUSTER_TESTS_FIRST): a
@@ -88,17 +97,9 @@ MODULES: dict[str, tuple[str, list[str]]] = {
             "tests/test_bad_input.py",
         ],
     ),
-    "config": (
-        "rpicluster/config.py",
-        [
-            "tests/test_config.py",
-            "tests/test_config_edges.py",
-            "tests/test_config_tls.py",
-            "tests/test_alerts.py",
-            "tests/test_names.py",
-            "tests/test_tls.py",
-        ],
-    ),
+    "config": ("rpicluster/config.py", CONFIG_TESTS),
+    "settings": ("rpicluster/settings.py", CONFIG_TESTS),
+    "configvalues": ("rpicluster/configvalues.py", CONFIG_TESTS),
     "registry": (
         "rpicluster/master/registry.py",
         [
