@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import memmap, report
 from bench.simslaves import (
     SECRET,
     Fleet,
@@ -110,6 +110,7 @@ def main(argv: Any = None) -> int:
     lines: list[str] = []
     try:
         master.start()
+        rss_idle = master.rss()
         cpu0, t0 = master.cpu_seconds(), time.monotonic()
         fleet.start()
         launched = time.monotonic()
@@ -143,6 +144,7 @@ def main(argv: Any = None) -> int:
         cpu_pct = (cpu_b - cpu_a) / (t_b - t_a) * 100
         fleet_pct = (fleet_b - fleet_a) / (t_b - t_a) * 100
         rss_max = max([rss_max, *rss_samples])
+        where = memmap.describe(master.proc.pid)  # type: ignore[union-attr]
         by_state: dict[str, int] = {}
         try:
             for node in query_cluster(port, timeout=60)["nodes"]:
@@ -160,6 +162,13 @@ def main(argv: Any = None) -> int:
     finally:
         master.stop()
     rtts_ms = [r * 1000 for r in results["rtts"]]
+    joined = by_state.get("alive", 0) + by_state.get("suspect", 0)
+    grown = statistics.median(rss_samples) - rss_idle
+    per_slave = (
+        f"{grown / joined / 1024:.1f} KiB per connected slave ({joined} at the end)"
+        if joined
+        else "per slave n/a (the master did not answer the final query)"
+    )
     expected = args.slaves * args.duration / args.interval
     lines += [
         f"slaves: {args.slaves} in {args.processes} processes, heartbeat every {args.interval:g} s;"
@@ -175,7 +184,9 @@ def main(argv: Any = None) -> int:
         f" {sched_b[0] - sched_a[0]:.1f} s of the {t_b - t_a:.1f} s measured (Linux schedstat):"
         " waiting is time the 2 shared cores (simulated slaves, other sessions) were busy",
         f"master RSS: max {rss_max / MB:.1f} MB,"
-        f" median {statistics.median(rss_samples) / MB:.1f} MB while steady",
+        f" median {statistics.median(rss_samples) / MB:.1f} MB while steady;"
+        f" {rss_idle / MB:.1f} MB before the fleet joined: {per_slave}",
+        f"master RSS by mapping (bench/memmap.py): {where}",
         f"heartbeat round trip: p50 {percentile(rtts_ms, 50):.2f} ms,"
         f" p99 {percentile(rtts_ms, 99):.2f} ms, max {max(rtts_ms, default=float('nan')):.1f} ms"
         f" over {len(rtts_ms)} acks ({len(rtts_ms) / expected * 100:.1f} % of {expected:.0f}"
