@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import os
 import ssl
 import sys
 import tempfile
@@ -33,7 +34,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import report  # noqa: E402
 from rpicluster import tls  # noqa: E402
+from tests import tlscerts  # noqa: E402
 from tests.tlscerts import CA  # noqa: E402
 
 HELLO_SIZE = 700  # a Pi's hello with its details is 600-700 bytes of JSON
@@ -135,6 +138,13 @@ def main() -> int:
         "--reply", type=int, default=0, help="one reply of this many bytes to each session"
     )
     parser.add_argument("--steps", action="store_true", help="split the cost into OpenSSL's parts")
+    parser.add_argument(
+        "--client-key",
+        choices=("p256", "ed25519"),
+        default="p256",
+        help="the Pis' key type (the roles make ECDSA P-256; ed25519 to compare)",
+    )
+    parser.add_argument("--no-append", action="store_true", help="do not write results.md")
     args = parser.parse_args()
     if args.no_slices:
         tls.IN_SLICE = tls.OUT_SLICE = 1 << 30
@@ -142,7 +152,17 @@ def main() -> int:
     server_ctx = tls.server_context(ca.master("master"))
     if args.tickets is not None:
         server_ctx.num_tickets = args.tickets
-    client_ctx = tls.client_context(ca.issue("pi"))
+    if args.client_key == "ed25519":
+        from unittest import mock
+
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        with mock.patch.object(
+            tlscerts.ec, "generate_private_key", lambda _curve: ed25519.Ed25519PrivateKey.generate()
+        ):
+            client_ctx = tls.client_context(ca.issue("pi"))
+    else:
+        client_ctx = tls.client_context(ca.issue("pi"))
     cpu: list[float] = []
 
     def one() -> tls.ServerTls:
@@ -150,15 +170,18 @@ def main() -> int:
         cpu.append(spent)
         return server
 
+    load = os.getloadavg()[0]
     rss, used = per_session(one, args.sessions)
-    print(
+    lines = [
         f"{args.sessions} server-side sessions ({ssl.OPENSSL_VERSION};"
         f" num_tickets {server_ctx.num_tickets}; BIO slices"
         f" {'off' if args.no_slices else f'{tls.IN_SLICE} in, {tls.OUT_SLICE} out'};"
-        f" hello {HELLO_SIZE} B; reply {args.reply} B): {rss:.1f} KiB of RSS,"
+        f" client key {args.client_key}; hello {HELLO_SIZE} B; reply {args.reply} B):"
+        f" {rss:.1f} KiB of RSS,"
         f" {used:.1f} KiB of malloc in use each; {sum(cpu) / len(cpu) * 1000:.2f} ms"
-        f" of server CPU per handshake; server session cache {server_ctx.session_stats()}"
-    )
+        f" of server CPU per handshake (machine load {load:.1f}/{os.getloadavg()[0]:.1f});"
+        f" server session cache {server_ctx.session_stats()}"
+    ]
     if args.steps:
         count = max(200, args.sessions // 2)
         bare = tls.server_context(ca.master("bare"))
@@ -176,7 +199,11 @@ def main() -> int:
         ]
         for label, make in steps:
             _, step_used = per_session(make, count)
-            print(f"  {label}: {step_used:.1f} KiB of malloc in use each")
+            lines.append(f"{label}: {step_used:.1f} KiB of malloc in use each")
+    if args.no_append:
+        print("\n".join(lines))
+    else:
+        report.append("tls_costs: what one TLS connection costs the master", lines)
     return 0
 
 
