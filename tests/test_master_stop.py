@@ -237,3 +237,48 @@ def test_periodic_work_that_fails_is_logged_and_runs_again(master_factory, clust
     failed = [r for r in caplog.records if r.getMessage() == "periodic _flush failed"]
     assert len(failed) == 2 and all(r.exc_info and r.exc_info[0] is RuntimeError for r in failed)
     sock.close()
+
+
+# ------------------------------------------------------------------- starting
+
+
+def test_start_says_where_it_listens_and_what_it_loaded(master_factory, cluster_secret, caplog):
+    caplog.set_level(logging.INFO, logger="rpicluster.master")
+    first = master_factory(cluster=QUIET)
+    join(first, cluster_secret).close()
+    state_dir = first.config.master.state_dir
+    first.stop()
+    caplog.clear()
+    master = master_factory(cluster=QUIET, state_dir=state_dir)
+    assert [r.getMessage() for r in caplog.records if "listening on" in r.getMessage()] == [
+        f"master listening on 127.0.0.1:{master.port} (1 known nodes loaded from"
+        f" {master.store.path})"
+    ]
+
+
+@pytest.mark.parametrize("which", ["socket_port", "metrics_port"])
+def test_a_taken_port_stops_the_start_clearly_and_releases_the_rest(make_config, tmp_path, which):
+    import dataclasses
+
+    from rpicluster.master import Master
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        settings = {"socket_bind_ip": "127.0.0.1", "state_dir": str(tmp_path)}
+        if which == "metrics_port":
+            settings["metrics_port"] = port
+        config = make_config(cluster=QUIET, master=settings)
+        main_port = port if which == "socket_port" else 0
+        config = dataclasses.replace(
+            config, master=dataclasses.replace(config.master, socket_port=main_port)
+        )
+        master = Master(config)
+        with pytest.raises(OSError) as error:
+            master.start()
+    what = "master" if which == "socket_port" else "master metrics"
+    assert str(error.value).startswith(f"{what} cannot listen on 127.0.0.1:{port}: ")
+    assert "address already in use" in str(error.value).lower()
+    assert master.store._closed  # the store opened by start() is closed again
+    if which == "metrics_port":
+        assert master._listener.fileno() == -1  # the master's own port is released
+    assert not master._thread.is_alive()  # the event loop's thread has ended
