@@ -16,6 +16,8 @@ import os
 import socket
 import threading
 
+import pytest
+
 from rpicluster import protocol as p
 from tests.helpers import wait_for
 
@@ -184,3 +186,33 @@ def test_a_peer_without_an_address_is_served_and_named_by_a_question_mark(master
     assert master.admission.pending == 1
     theirs.close()
     wait_for(lambda: master.admission.pending == 0, what="the slot freed")
+
+
+def test_a_master_bound_to_ipv6_loopback_serves_over_ipv6(master_factory):
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    master = master_factory(cluster=QUIET, master={"socket_bind_ip": "::1"})
+    client = socket.create_connection(("::1", master.port), timeout=10)
+    assert challenged(client)
+    client.close()
+
+
+def test_a_fleet_connecting_at_once_waits_in_the_backlog(master_factory):
+    """300 connections while the master accepts none: the kernel holds every one of them
+    (a backlog of 4096 where the kernel allows it; Linux's default would be 128)."""
+    master = master_factory(
+        cluster=QUIET, master={"max_unauthenticated_per_address": 400, "max_unauthenticated": 400}
+    )
+    fd = master._listener.fileno()
+    assert on_loop(master, lambda: master.loop.remove_reader(fd)) is True
+    clients = []
+    try:
+        for _ in range(300):
+            clients.append(socket.create_connection(("127.0.0.1", master.port), timeout=5))
+    finally:
+        on_loop(master, lambda: master.loop.add_reader(fd, master._accept))
+    assert all(challenged(client) for client in clients)
+    for client in clients:
+        client.close()

@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -504,7 +505,7 @@ class FakeResource:
     RLIMIT_NOFILE = 7
     RLIM_INFINITY = -1
 
-    def __init__(self, soft: int, hard: int, fail: bool = False) -> None:
+    def __init__(self, soft: int, hard: int, fail: Optional[Exception] = None) -> None:
         self.limits = (soft, hard)
         self.fail = fail
         self.set_to = None
@@ -515,8 +516,8 @@ class FakeResource:
 
     def setrlimit(self, which: int, limits) -> None:
         assert which == self.RLIMIT_NOFILE
-        if self.fail:
-            raise ValueError("not allowed")
+        if self.fail is not None:
+            raise self.fail
         self.set_to = limits
         self.limits = limits
 
@@ -524,13 +525,14 @@ class FakeResource:
 @pytest.mark.parametrize(
     ("soft", "hard", "fail", "result", "set_to"),
     [
-        (1024, 524288, False, 65536, (65536, 524288)),
-        (1024, 4096, False, 4096, (4096, 4096)),
-        (1024, -1, False, 65536, (65536, -1)),
-        (65536, 524288, False, 65536, None),
-        (100000, 524288, False, 100000, None),
-        (-1, -1, False, 0, None),
-        (1024, 524288, True, 1024, None),
+        (1024, 524288, None, 65536, (65536, 524288)),
+        (1024, 4096, None, 4096, (4096, 4096)),
+        (1024, -1, None, 65536, (65536, -1)),
+        (65536, 524288, None, 65536, None),
+        (100000, 524288, None, 100000, None),
+        (-1, -1, None, 0, None),
+        (1024, 524288, ValueError("not allowed"), 1024, None),
+        (1024, 524288, PermissionError(errno.EPERM, "Operation not permitted"), 1024, None),
     ],
 )
 def test_raise_nofile_limit(monkeypatch, soft, hard, fail, result, set_to):
