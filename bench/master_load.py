@@ -92,6 +92,13 @@ def main(argv: Any = None) -> int:
         default=0,
         help="niceness of the master and slave processes (0; negative needs root)",
     )
+    parser.add_argument(
+        "--master-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the master alone (repeatable), e.g. MALLOC_ARENA_MAX=1",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the master's state dir and log")
     parser.add_argument(
         "--tls", action="store_true", help="TLS with a cluster CA, a certificate per slave"
@@ -105,7 +112,8 @@ def main(argv: Any = None) -> int:
     if args.tls:
         enable_tls(f"{state_dir}/pki", [f"sim-{i:05d}" for i in range(args.slaves)])
     config = write_config(state_dir, port, heartbeat_interval=args.interval)
-    master = MasterProcess(config, f"{state_dir}/master.log", port, nice=args.nice)
+    master_env = dict(item.split("=", 1) for item in args.master_env if "=" in item)
+    master = MasterProcess(config, f"{state_dir}/master.log", port, nice=args.nice, env=master_env)
     fleet = Fleet(port, args.slaves, args.interval, args.processes, ramp=args.ramp, nice=args.nice)
     lines: list[str] = []
     try:
@@ -173,6 +181,7 @@ def main(argv: Any = None) -> int:
     lines += [
         f"slaves: {args.slaves} in {args.processes} processes, heartbeat every {args.interval:g} s;"
         f" niceness of master and slaves {args.nice};"
+        f" master environment {' '.join(args.master_env) or '(unchanged)'};"
         f" measured {args.duration:g} s; machine load average before/after:"
         f" {load_before:.1f}/{os.getloadavg()[0]:.1f}, CPU pressure (PSI some avg60) {psi}"
         " (other sessions share these 2 cores)",

@@ -136,8 +136,16 @@ def free_port() -> int:
 class MasterProcess:
     """``rpicluster-master`` as a subprocess: start, wait until accepting, measure, stop."""
 
-    def __init__(self, config_path: str, log_path: str, port: int, nice: int = 0) -> None:
+    def __init__(
+        self,
+        config_path: str,
+        log_path: str,
+        port: int,
+        nice: int = 0,
+        env: Optional[dict[str, str]] = None,
+    ) -> None:
         self.config_path = config_path
+        self.env = env  # variables added for the master alone (its unit's Environment=)
         self.nice = nice  # < 0 (root only) shields the measured master from a busy machine
         self.log_path = log_path
         self.port = port
@@ -152,6 +160,7 @@ class MasterProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _MASTER_CODE, self.config_path, self.log_path, str(self.nice)],
             start_new_session=True,
+            env={**os.environ, **self.env} if self.env else None,
         )
         self.ps = psutil.Process(self.proc.pid)
         deadline = time.monotonic() + timeout
