@@ -213,6 +213,8 @@ def test_stopping_a_master_that_never_started_does_nothing(make_config, tmp_path
     caplog.set_level(logging.INFO, logger="rpicluster")
     config = make_config(master={"socket_bind_ip": "127.0.0.1", "state_dir": str(tmp_path)})
     master = Master(config)
+    state = master.cluster_state()  # built here: there is no loop yet
+    assert state["nodes"] == [] and state["master"]["started_at"] == 0.0
     master.stop()
     assert master.store is None and master.loop is None
     assert caplog.records == []

@@ -49,6 +49,7 @@ SERVER_TESTS = [
     "tests/test_adversarial_master.py",
     "tests/test_tls.py",
     "tests/test_alerts.py",
+    "tests/test_alerts_webhook.py",  # the master's webhook: its target, format and timeout
 ]
 CONNECTION_TESTS = [
     "tests/test_connection_session.py",
