@@ -852,9 +852,11 @@ def test_a_write_failing_inside_its_transaction_is_rolled_back_and_retried(
     store._conn = CommitFails(store._conn, on)
     store.start()
     store.save_nodes([node_row("a")])
-    wait_for(lambda: store._conn.failed, what="the write failed once")
+    # The failure is raised before the writer counts it, and health is ok until
+    # then: await the count, then the retry that clears the error.
+    wait_for(lambda: store.write_errors >= 1, what="the failed write counted")
     wait_for(lambda: store.health()["ok"], what="the retry succeeded")
-    assert store.write_errors == 1
+    assert store._conn.failed and store.write_errors == 1
     store.close()
     assert db_rows(state_dir, "SELECT node_id FROM nodes") == [("a",)]
 

@@ -71,9 +71,9 @@ class Saving:
             try:
                 self._transaction(batch, final)
             except sqlite3.Error as exc:  # the database, not a row: keep the batch, retry
-                self.write_errors += 1
                 message = str(exc)[:200]
-                with self._cond:
+                with self._cond:  # health() sees the count and the error together
+                    self.write_errors += 1
                     first = self._error != message
                     self._error = message
                 if first:
