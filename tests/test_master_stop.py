@@ -284,3 +284,51 @@ def test_a_taken_port_stops_the_start_clearly_and_releases_the_rest(make_config,
     if which == "metrics_port":
         assert master._listener.fileno() == -1  # the master's own port is released
     assert not master._thread.is_alive()  # the event loop's thread has ended
+
+
+def test_a_peer_that_stops_reading_does_not_hold_up_the_stop(
+    master_factory, cluster_secret, caplog
+):
+    """Its connection is given about a second to drain, then dropped: stop() ends in time
+    and the peer, reading at last, comes to the end of its connection."""
+    master = master_factory(cluster=QUIET)
+    details = {f"key{i:02}": "v" * 190 for i in range(32)}  # about 6.6 KB per node
+    slaves = []
+    for i in range(16):  # 16 nodes: a cluster reply of about 110 KB
+        sock = socket.create_connection(("127.0.0.1", master.port), timeout=10)
+        p.client_handshake(
+            sock, cluster_secret, kind=p.KIND_SLAVE, node_id=f"n{i}", role="basic", details=details
+        )
+        slaves.append(sock)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(10)
+    client.connect(("127.0.0.1", master.port))
+    p.client_handshake(client, cluster_secret, kind=p.KIND_CLIENT, node_id="cli", role="status")
+    # About 6.6 MB of replies: more than the kernel holds (4 MB at most here), less than the
+    # 8 MB after which the master drops a peer that does not read.
+    client.sendall(p.make(p.QUERY, id=1, what="cluster") * 60)
+
+    def buffered() -> int:
+        return sum(
+            conn.transport.get_write_buffer_size()
+            for conn in master.connections
+            if conn.kind == p.KIND_CLIENT and conn.transport is not None
+        )
+
+    def waiting() -> int:
+        done = threading.Event()
+        box = []
+        master.loop.call_soon_threadsafe(lambda: (box.append(buffered()), done.set()))
+        done.wait(10)
+        return box[0] if box else 0
+
+    wait_for(lambda: waiting() > 0, what="replies waiting in the master for the peer")
+    master.stop()
+    assert errors(caplog) == []  # the shutdown finished within stop()'s 5 s
+    with pytest.raises(p.DisconnectionError):
+        while True:
+            p.recv_message(client)
+    client.close()
+    for sock in slaves:
+        sock.close()
