@@ -35,6 +35,13 @@ def heartbeat(sock, seq=1):
     assert p.recv_message(sock)["type"] == p.HEARTBEAT_ACK
 
 
+def heard_after_saved(master, sock, node_id="n1"):
+    """A heartbeat once the node's row is in the database: only a save of the last-seen
+    times (not of changed rows) can bring the newer time there."""
+    wait_for(lambda: node_id in saved_last_seen(master), what="the node's row saved")
+    heartbeat(sock)
+
+
 def record_flushes(master):
     """The threads that flush the registry to the store, in order (stop() calls self._flush)."""
     threads: list[threading.Thread] = []
@@ -93,7 +100,7 @@ def test_a_clean_stop_says_goodbye_to_every_peer_and_saves_the_registry_once_on_
     master = master_factory(cluster=QUIET)
     slave = join(master, cluster_secret, node_id="n1")
     client = join(master, cluster_secret, node_id="cli", role="status", kind="client")
-    heartbeat(slave)
+    heard_after_saved(master, slave)
     loop_thread = master._thread
     flushes = record_flushes(master)
 
@@ -121,7 +128,7 @@ def test_a_shutdown_that_fails_still_ends_the_loop_and_saves_the_registry(
 ):
     master = master_factory(cluster=QUIET)
     sock = join(master, cluster_secret)
-    heartbeat(sock)
+    heard_after_saved(master, sock)
     loop_thread = master._thread
 
     async def broken() -> None:
@@ -144,7 +151,7 @@ def test_a_shutdown_that_does_not_finish_in_time_is_cut_short_and_the_registry_s
 ):
     master = master_factory(cluster=QUIET)
     sock = join(master, cluster_secret)
-    heartbeat(sock)
+    heard_after_saved(master, sock)
     loop_thread = master._thread
     # The shutdown holds the loop until stop() has given up waiting for it (and said so),
     # then returns without doing its work: the loop can stop, the registry is not saved.
