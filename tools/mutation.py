@@ -17,7 +17,8 @@ docs/testing.md, section "Mutation testing": every backquoted ``rpicluster.…__
 name there is read as equivalent. Timeouts count as killed (the mutant hung a test that
 the original passes); "no tests" and "survived" count as not killed.
 
-Usage: python tools/mutation.py [--jobs N] [--again | --report] [MODULE ...]   (default: all)
+Usage: python tools/mutation.py [--jobs N] [--again [--only TEXT ...] | --report] [MODULE ...]
+(default: all modules)
 Exit status: 0 when each module reached --target (default 90) per cent, 1 otherwise.
 """
 
@@ -31,6 +32,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".cache" / "mutation"
@@ -280,9 +282,21 @@ def statuses(module: str) -> dict[str, str]:
     return found
 
 
-def run_module(module: str, jobs: int, equivalent: set[str], again: bool = False) -> Score:
-    """mutmut run in the module's copy; the status of every mutant of that module."""
+def run_module(
+    module: str,
+    jobs: int,
+    equivalent: set[str],
+    again: bool = False,
+    only: Optional[list[str]] = None,
+) -> Score:
+    """mutmut run in the module's copy; the status of every mutant of that module.
+
+    With ``only`` (and --again): just the mutants not killed last time whose names contain
+    one of those strings, e.g. the ones a new test was written for.
+    """
     names = refresh_tests(module) if again else []
+    if again and only:
+        names = [name for name in names if any(part in name for part in only)]
     work = WORK / module if again else prepare(module)
     mutmut = Path(sys.executable).with_name("mutmut")
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "RPICLUSTER_TESTS_FIRST": ",".join(FIRST)}
@@ -319,7 +333,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="re-test only the mutants the last run did not kill, against today's tests",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="with --again: only the mutants whose name contains TEXT (repeatable)",
+    )
     args = parser.parse_args(argv)
+    if args.only and not args.again:
+        parser.error("--only goes with --again")
     modules = args.modules or list(MODULES)
     unknown = [name for name in modules if name not in MODULES]
     if unknown:
@@ -328,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         scores = [Score(module, statuses(module), equivalent) for module in modules]
     else:
-        scores = [run_module(module, args.jobs, equivalent, args.again) for module in modules]
+        scores = [
+            run_module(module, args.jobs, equivalent, args.again, args.only) for module in modules
+        ]
 
     print()
     print(
