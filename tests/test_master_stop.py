@@ -339,3 +339,22 @@ def test_a_peer_that_stops_reading_does_not_hold_up_the_stop(
     client.close()
     for sock in slaves:
         sock.close()
+
+
+def test_the_metrics_listener_is_bound_to_the_masters_address_only(master_factory):
+    """Bound to 127.0.0.1, it does not answer on 127.0.0.2 (loopback too, another address)."""
+    for attempt in range(5):  # a port free a moment ago can be taken meanwhile
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        try:
+            master = master_factory(cluster=QUIET, master={"metrics_port": port})
+            break
+        except OSError as exc:
+            if "already in use" not in str(exc) or attempt == 4:
+                raise
+    with socket.create_connection(("127.0.0.1", port), timeout=10):
+        pass
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.2", port), timeout=10).close()
+    assert master.metrics is not None
