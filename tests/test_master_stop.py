@@ -358,3 +358,18 @@ def test_the_metrics_listener_is_bound_to_the_masters_address_only(master_factor
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.2", port), timeout=10).close()
     assert master.metrics is not None
+
+
+def test_last_seen_times_reach_the_database_while_running(
+    master_factory, cluster_secret, monkeypatch
+):
+    """Every LAST_SEEN_INTERVAL (60 s; shortened here) without waiting for a stop."""
+    from rpicluster.master import server as server_module
+
+    monkeypatch.setattr(server_module, "LAST_SEEN_INTERVAL", 0.3)
+    master = master_factory(cluster=QUIET)
+    sock = join(master, cluster_secret)
+    heard_after_saved(master, sock)
+    expected = master.registry.to_wall(master.registry.nodes["n1"].seen)
+    wait_for(lambda: saved_last_seen(master) == {"n1": expected}, what="the heartbeat's time saved")
+    sock.close()
