@@ -102,6 +102,8 @@ def test_a_clean_stop_says_goodbye_to_every_peer_and_saves_the_registry_once_on_
     client = join(master, cluster_secret, node_id="cli", role="status", kind="client")
     heard_after_saved(master, slave)
     loop_thread = master._thread
+    # Named for a stack dump; a daemon, so a master never stopped cannot keep a process alive.
+    assert loop_thread.name == "rpicluster-master" and loop_thread.daemon
     flushes = record_flushes(master)
 
     master.stop()

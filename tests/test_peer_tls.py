@@ -207,3 +207,28 @@ def test_a_node_known_from_before_tls_is_bound_to_its_certificate(
     (entry,) = master.cluster_state()["nodes"]
     assert entry["tls"]["name"] == "pi-a" and entry["state"] == "alive"
     sock.close()
+
+
+def test_after_a_master_restart_a_reinstalled_pi_still_replaces_its_old_node(
+    master_factory, make_config, pki, tmp_path, caplog
+):
+    """The certificate bindings are read back at start: the old node id is still known
+    as pi-a's, so pi-a speaking as a new node id retires it."""
+    caplog.set_level(logging.INFO, logger="rpicluster.master")
+    state_dir = tmp_path / "m"
+    first = tls_master(master_factory, make_config, pki, state_dir)
+    old = raw_tls(first, pki["pi-a"])
+    hello(old, "old-id", {"hostname": "pi-a"})
+    p.send_frame(old, p.make(p.GOODBYE, reason="reinstalling"))
+    old.close()
+    wait_for(lambda: first.cluster_state()["nodes"][0]["state"] == "left", what="left")
+    first.stop()
+    master = tls_master(master_factory, make_config, pki, state_dir)
+    new = raw_tls(master, pki["pi-a"])
+    hello(new, "new-id", {"hostname": "pi-a"})
+    assert [n["node_id"] for n in master.cluster_state()["nodes"]] == ["new-id"]
+    assert lines(caplog, "forgotten (") == [
+        "node old-id forgotten (certificate 'pi-a' now speaks as node new-id);"
+        " 0 connection(s) closed"
+    ]
+    new.close()
