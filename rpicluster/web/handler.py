@@ -61,6 +61,16 @@ class DashboardSettings:
         self.auth = auth  # a login for every page but /healthz (web/auth.py), or None
 
 
+def plain_response(status: int, reason: str) -> bytes:
+    """A complete short text/plain response that closes the connection."""
+    body = (reason + "\n").encode("ascii")
+    phrase = HTTPStatus(status).phrase
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode("ascii") + body
+
+
 class DashboardHandler(BaseHTTPRequestHandler):
     """Answers one complete request head (bytes), writing the response to memory.
 

@@ -18,12 +18,16 @@ import socket
 import ssl
 import threading
 import time
-from http import HTTPStatus
 from typing import Any, Callable, Optional
 
 from rpicluster import displayable
 from rpicluster.web import https
-from rpicluster.web.handler import MAX_HEAD_BYTES, DashboardHandler, DashboardSettings
+from rpicluster.web.handler import (
+    MAX_HEAD_BYTES,
+    DashboardHandler,
+    DashboardSettings,
+    plain_response,
+)
 from rpicluster.web.metrics import MetricsRenderer
 from rpicluster.web.state import ClusterState, Snapshot
 
@@ -206,7 +210,7 @@ class DashboardServer:
                 close = handler.close_connection
             except Exception:  # noqa: BLE001 - a request must never kill a worker
                 log.exception("error serving %s", displayable.text(conn.address))
-                response, close = [_plain_response(500, "internal error")], True
+                response, close = [plain_response(500, "internal error")], True
             self._done.put((conn, response, close))
             # A full wake pipe means the loop is awake anyway.
             with contextlib.suppress(OSError):
@@ -453,7 +457,7 @@ class DashboardServer:
         sends a reset, which could destroy the answer before the client reads it.
         """
         with contextlib.suppress(OSError):
-            conn.sock.send(_plain_response(status, reason))
+            conn.sock.send(plain_response(status, reason))
             conn.sock.shutdown(socket.SHUT_WR)
             drained = 0
             while drained < REFUSE_DRAIN_BYTES:
@@ -492,13 +496,3 @@ class DashboardServer:
         conn.buffer = b""
         conn.out = []
         self.stats["connections_open"] -= 1
-
-
-def _plain_response(status: int, reason: str) -> bytes:
-    """A complete short text/plain response that closes the connection."""
-    body = (reason + "\n").encode("ascii")
-    phrase = HTTPStatus(status).phrase
-    return (
-        f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode("ascii") + body
