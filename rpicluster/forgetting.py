@@ -33,14 +33,12 @@ def run_forget(args: argparse.Namespace) -> int:
     from rpicluster.displayable import text
 
     try:
-        host, port = config.master_address()
+        client = MasterClient.from_config(config, timeout=args.timeout)
     except ConfigError as exc:
         print(f"rpicluster: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        with MasterClient(
-            host, port, config.cluster.secret, timeout=args.timeout, tls=config.tls
-        ) as client:
+        with client:
             data = client.forget(args.node, force=args.force)
     except QueryFailed as exc:
         print(f"rpicluster forget: {exc}", file=sys.stderr)

@@ -170,14 +170,12 @@ def run_status(args: argparse.Namespace) -> int:
     from rpicluster.config import ConfigError
 
     try:
-        host, port = config.master_address()
+        client = MasterClient.from_config(config, timeout=args.timeout)
     except ConfigError as exc:
         print(f"rpicluster: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        with MasterClient(
-            host, port, config.cluster.secret, timeout=args.timeout, tls=config.tls
-        ) as client:
+        with client:
             state = client.cluster_state()
     except ClientError as exc:
         print(f"rpicluster status: {exc}", file=sys.stderr)

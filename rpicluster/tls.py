@@ -111,6 +111,23 @@ def cached_client_context(settings: TlsSettings) -> ssl.SSLContext:
     return client_context(settings)
 
 
+def file_problem(path: str, permission_hint: str) -> Optional[str]:
+    """Why ``path`` cannot be read, for a config error naming its key; None when it can.
+
+    Opening it is the only check that tells a missing file from one the
+    service user may not read, which is the mistake a copied key usually is.
+    """
+    try:
+        with open(path, "rb"):
+            return None
+    except FileNotFoundError:
+        return f"{path}: file not found"
+    except PermissionError:
+        return f"{path}: permission denied ({permission_hint})"
+    except OSError as exc:
+        return f"{path}: cannot read: {exc}"
+
+
 def check_files(settings: TlsSettings) -> None:
     """Each file readable, the key private to its owner, and all of them loadable.
 
@@ -118,18 +135,9 @@ def check_files(settings: TlsSettings) -> None:
     identity, and the roles install it 0600 owned by the service user.
     """
     for key in ("ca_file", "cert_file", "key_file"):
-        path = getattr(settings, key)
-        try:
-            with open(path, "rb"):
-                pass
-        except FileNotFoundError:
-            raise TlsError(key, f"{path}: file not found") from None
-        except PermissionError:
-            raise TlsError(
-                key, f"{path}: permission denied (run as root or as the rpicluster user)"
-            ) from None
-        except OSError as exc:
-            raise TlsError(key, f"{path}: cannot read: {exc}") from None
+        problem = file_problem(getattr(settings, key), "run as root or as the rpicluster user")
+        if problem:
+            raise TlsError(key, problem)
     mode = os.stat(settings.key_file).st_mode & 0o777
     if mode & 0o077:
         raise TlsError(

@@ -21,6 +21,8 @@ import selectors
 import ssl
 from typing import Optional
 
+from rpicluster.tls import file_problem
+
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
 TLS_HANDSHAKE_RECORD = 0x16  # the first byte of every TLS ClientHello
 PLAIN_HTTP_REASON = "this port speaks HTTPS only: use https://"
@@ -50,17 +52,9 @@ def check_files(cert_file: str, key_file: str, *, cert_key: str, key_key: str) -
     error (``https_cert_file``, or ``[tls] cert_file`` when the node's own is used).
     """
     for key, path in ((cert_key, cert_file), (key_key, key_file)):
-        try:
-            with open(path, "rb"):
-                pass
-        except FileNotFoundError:
-            raise HttpsError(key, f"{path}: file not found") from None
-        except PermissionError:
-            raise HttpsError(
-                key, f"{path}: permission denied (the rpicluster user must read it)"
-            ) from None
-        except OSError as exc:
-            raise HttpsError(key, f"{path}: cannot read: {exc}") from None
+        problem = file_problem(path, "the rpicluster user must read it")
+        if problem:
+            raise HttpsError(key, problem)
     mode = os.stat(key_file).st_mode & 0o777
     if mode & 0o007:
         raise HttpsError(
