@@ -60,6 +60,7 @@ def test_alerts_are_evaluated_by_the_loop_and_shown_in_the_master_dict(
 
     firing = wait_for(lambda: alerts()["firing"], what="the dead node's alert to fire")
     assert [alert["node_id"] for alert in firing] == ["n1"]
+    assert firing[0]["master"] == socket.gethostname()  # which master says so
     shown = alerts()
     assert shown["firing_count"] == 1
     assert shown["webhook"]["enabled"] is False  # no webhook_url: shown, not sent

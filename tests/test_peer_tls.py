@@ -101,6 +101,8 @@ def test_a_certificate_naming_no_one_is_refused_and_counted_each_time(
     master_factory, make_config, pki, tmp_path, caplog
 ):
     master = tls_master(master_factory, make_config, pki, tmp_path / "m")
+    tls = master.cluster_state()["master"]["tls"]
+    assert tls["enabled"] is True and tls["name"] == "master"
     ports = []
     for _ in range(2):
         plain = socket.create_connection(("127.0.0.1", master.port), timeout=10)
