@@ -295,6 +295,51 @@ def test_a_taken_port_stops_the_start_clearly_and_releases_the_rest(make_config,
     assert not master._thread.is_alive()  # the event loop's thread has ended
 
 
+def test_a_failure_after_listening_stops_the_start_instead_of_hanging_it(
+    make_config, tmp_path, monkeypatch
+):
+    """start() waits for the loop's thread to say it listens: a failure in between (a
+    periodic job that cannot be scheduled, say) must reach start(), never leave it waiting."""
+    from rpicluster.master import Master
+
+    def cannot_schedule(self, interval, fn):
+        raise RuntimeError("no timer for you")
+
+    monkeypatch.setattr(Master, "_every", cannot_schedule)
+    config = make_config(cluster=QUIET, master={"state_dir": str(tmp_path)})
+    master = Master(config)
+    with pytest.raises(RuntimeError, match="no timer for you"):
+        master.start()
+    assert master._listener.fileno() == -1  # the port is released
+    assert master.loop.is_closed()
+    assert master.store._closed
+    assert not master._thread.is_alive()
+
+
+def test_every_periodic_job_is_cancelled_at_shutdown_however_often_the_others_ran(
+    master_factory,
+):
+    """Each job keeps its own next tick: a fast job (the sweep) ticking many times must
+    not push a slow job's timer (the 60 s ones) out of what the shutdown cancels."""
+    master = master_factory(
+        cluster={"heartbeat_interval": 0.1, "suspect_after": 0.2, "dead_after": 0.4}
+    )  # a sweep every 0.02 s
+    jobs = len(master._timers)
+    last = [master._timers[0]]  # held, so that a new handle never reuses its id
+
+    def sweep_ticked_often() -> bool:
+        current = master._timers[0]  # the sweep's slot: a new handle every tick
+        if current is not last[-1]:
+            last.append(current)
+        return len(last) > 30
+
+    wait_for(sweep_ticked_often, what="the sweep ticking 30 times")
+    timers = list(master._timers)
+    assert len(timers) == jobs  # one slot per job, however often they ran
+    master.stop()
+    assert all(timer.cancelled() for timer in timers)
+
+
 def test_a_peer_that_stops_reading_does_not_hold_up_the_stop(
     master_factory, cluster_secret, caplog
 ):

@@ -156,46 +156,61 @@ class Master(Listening, ClusterViews):
         )
 
     def _run(self, ready: concurrent.futures.Future[None]) -> None:
+        try:
+            listener = self._open()
+        except BaseException as exc:  # start() waits on ready: it must always hear back
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        try:
+            self.loop.run_forever()
+        finally:
+            listener.close()
+            self.loop.close()
+
+    def _open(self) -> socket.socket:
+        """The loop, the listener, the metrics port and the periodic jobs, or the reason why not.
+
+        Runs on the loop's thread. Whatever fails, everything opened so far is
+        closed again and the exception says what could not be done.
+        """
         loop = self.loop = asyncio.new_event_loop()
         loop.set_exception_handler(self._loop_exception)
         settings = self.config.master
         assert settings is not None
         host = settings.socket_bind_ip or "0.0.0.0"
+        listener: Optional[socket.socket] = None
         try:
-            listener = self._listen(host, settings.socket_port)
-        except BaseException as exc:
-            loop.close()
-            ready.set_exception(
-                OSError(
+            try:
+                listener = self._listen(host, settings.socket_port)
+            except BaseException as exc:
+                raise OSError(
                     f"master cannot listen on {settings.socket_bind_ip}:{settings.socket_port}:"
                     f" {exc}"
-                )
-            )
-            return
-        self._listener = listener
-        self.port = listener.getsockname()[1]
-        if settings.metrics_port:
-            self.metrics = MetricsServer(self, host, settings.metrics_port)
-            try:
-                loop.run_until_complete(self.metrics.start())
-            except BaseException as exc:
+                ) from exc
+            self._listener = listener
+            self.port = listener.getsockname()[1]
+            if settings.metrics_port:
+                self.metrics = MetricsServer(self, host, settings.metrics_port)
+                try:
+                    loop.run_until_complete(self.metrics.start())
+                except BaseException as exc:
+                    where = f"{host}:{settings.metrics_port}"
+                    raise OSError(f"master metrics cannot listen on {where}: {exc}") from exc
+            loop.add_reader(listener.fileno(), self._accept)
+            self._every(self.sweep_interval, self._sweep)
+            self._every(FLUSH_INTERVAL, self._flush)
+            self._every(LAST_SEEN_INTERVAL, self._flush_last_seen)
+            self._every(self.forget_interval, self._forget_stale)
+            self._every(EVALUATE_INTERVAL, self._evaluate_alerts)
+        except BaseException:
+            if self.metrics is not None:
+                self.metrics.close()
+            if listener is not None:
                 listener.close()
-                loop.close()
-                where = f"{host}:{settings.metrics_port}"
-                ready.set_exception(OSError(f"master metrics cannot listen on {where}: {exc}"))
-                return
-        loop.add_reader(listener.fileno(), self._accept)
-        self._every(self.sweep_interval, self._sweep)
-        self._every(FLUSH_INTERVAL, self._flush)
-        self._every(LAST_SEEN_INTERVAL, self._flush_last_seen)
-        self._every(self.forget_interval, self._forget_stale)
-        self._every(EVALUATE_INTERVAL, self._evaluate_alerts)
-        ready.set_result(None)
-        try:
-            loop.run_forever()
-        finally:
-            listener.close()
             loop.close()
+            raise
+        return listener
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         # Rate-limited: an error that repeats per connection must not flood the journal.
@@ -209,14 +224,15 @@ class Master(Listening, ClusterViews):
             limiter.suppressed += 1
 
     def _every(self, interval: float, fn: Any) -> None:
+        # One slot per job, holding its next tick, so that shutdown cancels each.
+        slot = len(self._timers)
+
         def tick() -> None:
             try:
                 fn()
             except Exception:
                 log.exception("periodic %s failed", getattr(fn, "__name__", fn))
-            self._timers.append(self.loop.call_later(interval, tick))
-            if len(self._timers) > 16:
-                del self._timers[:-8]
+            self._timers[slot] = self.loop.call_later(interval, tick)
 
         self._timers.append(self.loop.call_later(interval, tick))
 
