@@ -15,6 +15,7 @@ import sys
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
+    from rpicluster.client import MasterClient
     from rpicluster.config import Config
 
 # rpicluster.config (and through it rpicluster.protocol) is imported only once a
@@ -55,3 +56,19 @@ def load(path: str, need: str) -> Optional[Config]:
     except ConfigError as exc:
         print(f"rpicluster: config error: {exc}", file=sys.stderr)
         return None
+
+
+def master_client(path: str, timeout: float) -> Optional[MasterClient]:
+    """A client for the master that the config at ``path`` names, or None after the error.
+
+    The commands that ask the master something (``status``, ``forget``) share it
+    so a config that cannot name the master stops each the same way, exit 2.
+    ``load(..., "any")`` has checked that the file has a ``[master]`` or a
+    ``[slave]`` section, so the master's address is known.
+    """
+    config = load(path, "any")
+    if config is None:
+        return None
+    from rpicluster.client import MasterClient
+
+    return MasterClient.from_config(config, timeout=timeout)

@@ -18,25 +18,19 @@ from rpicluster.command import (
     EXIT_NO_MASTER,
     EXIT_NOT_KNOWN,
     EXIT_OK,
-    load,
+    master_client,
 )
 
 
 def run_forget(args: argparse.Namespace) -> int:
     """Remove a node and its history from the master (docs/protocol.md 8.5)."""
-    config = load(args.config, "any")
-    if config is None:
+    client = master_client(args.config, args.timeout)
+    if client is None:
         return EXIT_CONFIG
     from rpicluster import protocol
-    from rpicluster.client import ClientError, MasterClient, QueryFailed
-    from rpicluster.config import ConfigError
+    from rpicluster.client import ClientError, QueryFailed
     from rpicluster.displayable import text
 
-    try:
-        client = MasterClient.from_config(config, timeout=args.timeout)
-    except ConfigError as exc:
-        print(f"rpicluster: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
     try:
         with client:
             data = client.forget(args.node, force=args.force)

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from rpicluster.command import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, load
+from rpicluster.command import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, master_client
 
 
 def _number(value: Any, fmt: str) -> str:
@@ -163,17 +163,11 @@ def format_table(state: dict[str, Any], now: Optional[float] = None) -> str:
 
 def run_status(args: argparse.Namespace) -> int:
     """Ask the master for the cluster and print it; exit 1 when it did not answer."""
-    config = load(args.config, "any")
-    if config is None:
+    client = master_client(args.config, args.timeout)
+    if client is None:
         return EXIT_CONFIG
-    from rpicluster.client import ClientError, MasterClient
-    from rpicluster.config import ConfigError
+    from rpicluster.client import ClientError
 
-    try:
-        client = MasterClient.from_config(config, timeout=args.timeout)
-    except ConfigError as exc:
-        print(f"rpicluster: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
     try:
         with client:
             state = client.cluster_state()

@@ -166,6 +166,14 @@ def test_status_when_no_master_listens(tmp_path):
     assert f"cannot reach the master at 127.0.0.1:{port}" in result.stderr
 
 
+@pytest.mark.parametrize("command", [["status"], ["forget", "pi-7"]])
+def test_a_query_without_a_master_to_ask_is_a_config_error(tmp_path, command):
+    # Only [cluster]: nothing says where the master is, so neither command may guess.
+    config = write(tmp_path, f"[cluster]\nsecret = {SECRET}\n")
+    result = run(*command, "--config", str(config), "--timeout", "2")
+    assert_config_error(result, str(config), "needs a [master] or a [slave] section")
+
+
 def test_unknown_log_level_is_a_usage_error(tmp_path):
     result = run("status", "--log-level", "LOUD")
     assert result.returncode == 2 and "--log-level" in result.stderr
