@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import threading
 import time
 
 import pytest
 
 from rpicluster import protocol as p
 from rpicluster.master.connection import Connection
-from tests.helpers import wait_for
+from tests.helpers import on_loop, wait_for
 
 QUIET = {"heartbeat_interval": 1, "suspect_after": 30, "dead_after": 60}
 
@@ -72,19 +71,6 @@ def roundtrip(sock, seq):
 
 
 roundtrip.others = []
-
-
-def on_loop(master, fn):
-    done = threading.Event()
-    box = {}
-
-    def run() -> None:
-        box["value"] = fn()
-        done.set()
-
-    master.loop.call_soon_threadsafe(run)
-    assert done.wait(10)
-    return box["value"]
 
 
 def hello_frame(challenge, secret, **override):

@@ -14,33 +14,13 @@ import fcntl
 import logging
 import os
 import socket
-import threading
 
 import pytest
 
 from rpicluster import protocol as p
-from tests.helpers import wait_for
+from tests.helpers import on_loop, wait_for
 
 QUIET = {"heartbeat_interval": 1, "suspect_after": 30, "dead_after": 60}
-
-
-def on_loop(master, fn):
-    """Run ``fn()`` on the master's event loop and return its result."""
-    done = threading.Event()
-    box = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed back to the test
-            box["error"] = exc
-        done.set()
-
-    master.loop.call_soon_threadsafe(run)
-    assert done.wait(10), "the event loop did not run the call"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 class ScriptedListener:

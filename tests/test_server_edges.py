@@ -25,7 +25,7 @@ from rpicluster.master import Master
 from rpicluster.master import listening as listening_module
 from rpicluster.master import server as server_module
 from rpicluster.master.connection import Connection
-from tests.helpers import wait_for
+from tests.helpers import on_loop, wait_for
 
 QUIET = {"heartbeat_interval": 1, "suspect_after": 30, "dead_after": 60}
 
@@ -36,25 +36,6 @@ def join(master, secret, node_id="n1", role="basic", kind="slave", details=None)
         sock, secret, kind=kind, node_id=node_id, role=role, details=details
     )
     return sock, welcome
-
-
-def on_loop(master, fn):
-    """Run ``fn()`` on the master's event loop and return its result."""
-    done = threading.Event()
-    box = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed back to the test
-            box["error"] = exc
-        done.set()
-
-    master.loop.call_soon_threadsafe(run)
-    assert done.wait(10), "the event loop did not run the call"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 def gets_challenge(port: int, timeout: float = 0.3):
