@@ -76,6 +76,7 @@ CONFIG_TESTS = [
     "tests/test_alerts.py",
     "tests/test_names.py",
     "tests/test_tls.py",
+    "tests/test_web_https.py",  # [webserver] https and its files
 ]
 # The store (store.py and the three modules split from it) and the tests about it.
 STORE_TESTS = ["tests/test_store_robust.py", "tests/test_store_edges.py"]
