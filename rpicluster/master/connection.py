@@ -168,15 +168,16 @@ class Connection(Handshake, PeerTls, Queries, asyncio.BufferedProtocol):
         # reads would hold its socket forever, so drop it hard after a while.
         self.master.loop.call_later(self.master.close_timeout, self.transport.abort)
 
-    def evict(self) -> None:
+    def evict(self, why: str = "oldest of the address holding the most") -> None:
         """Make room in the full unauthenticated table (admission.py): close at once."""
         master = self.master
         master.counters.connections_evicted_total += 1
         master.log_refusals(
             master.clock(),
             logging.WARNING,
-            "peer %s evicted: unauthenticated table full (oldest of its address)",
+            "peer %s evicted: unauthenticated table full, %s",
             self.peer,
+            why,
         )
         self.evicted = True
         if self.transport is not None and not self.closed:

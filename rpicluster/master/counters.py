@@ -33,6 +33,8 @@ class Counters:
         "connections_refused_total",
         "connections_evicted_total",
         "accept_errors_total",
+        # Accepting paused because the table was full of progressing handshakes.
+        "accept_paused_total",
         # Member data refused (memberdata.py) and queries answered ok: false.
         "details_refused_total",
         "vitals_refused_total",

@@ -4,7 +4,8 @@ Split from the master's lifecycle (``server.py``) because this is the part a
 flood of connections meets first, and it has its own concerns: a whole fleet
 reconnecting at once after a restart (the backlog, batches of accepts without a
 task or coroutine each), strangers holding connections before authenticating
-(``admission.py`` decides, this module applies it), and running out of file
+(``admission.py`` decides, this module applies it: evicting a stale pending
+connection, or pausing while every pending one is still progressing), and running out of file
 descriptors without spinning. ``Listening`` is a mixin of ``Master``: it uses the
 master's loop, counters and log limiters and creates one ``Connection`` per peer.
 """
@@ -36,6 +37,9 @@ ACCEPT_BATCH = 256  # connections accepted per readiness event before other work
 # logging) thousands of times a second as asyncio's own accept loop does.
 ACCEPT_RETRY_FIRST = 0.05
 ACCEPT_RETRY_LAST = 1.0
+# The unauthenticated table full of handshakes still progressing (admission.py):
+# stop accepting this long, then look again; the kernel's backlog holds the connects.
+ACCEPT_PAUSE = 0.05
 FD_RESERVE = 128  # file descriptors kept for the store, logs and the like
 WANTED_NOFILE = 65536  # what the master raises its soft RLIMIT_NOFILE to (up to the hard one)
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -100,7 +104,16 @@ class Listening:
         listener = self._listener
         if listener is None or self.stopping:
             return
-        for _ in range(ACCEPT_BATCH):
+        admission = self.admission
+        for index in range(ACCEPT_BATCH):
+            if admission.full():
+                if index:  # room is made for a connection that waits: the next event says so
+                    return
+                room = admission.make_room()
+                if room.victim is None:
+                    self._pause_accept(room.reason)
+                    return
+                room.victim.evict(room.reason)
             try:
                 sock, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -114,7 +127,7 @@ class Listening:
             sock.setblocking(False)
             address = str(addr[0]) if isinstance(addr, tuple) else ""
             peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "?"
-            reason = self.admission.refuse_reason(address)
+            reason = admission.refuse_reason(address)
             if reason:
                 self.counters.connections_refused_total += 1
                 self.log_refusals(
@@ -126,7 +139,7 @@ class Listening:
                 sock.close()
                 continue
             conn = Connection(self, address, peer)
-            victim = self.admission.admit(conn, address)
+            victim = admission.admit(conn, address)
             if victim is not None:
                 victim.evict()
             self._serve(sock, conn, addr)
@@ -175,6 +188,22 @@ class Listening:
         )
         self.loop.remove_reader(listener.fileno())
         self.loop.call_later(delay, self._resume_accept)
+
+    def _pause_accept(self, why: str) -> None:
+        """Stop accepting for ACCEPT_PAUSE: evicting a progressing handshake wastes it."""
+        listener = self._listener
+        if listener is None:
+            return
+        self.counters.accept_paused_total += 1
+        self.log_refusals(
+            self.clock(),
+            logging.INFO,
+            "unauthenticated table full (%s): not accepting for %g s",
+            why,
+            ACCEPT_PAUSE,
+        )
+        self.loop.remove_reader(listener.fileno())
+        self.loop.call_later(ACCEPT_PAUSE, self._resume_accept)
 
     def _resume_accept(self) -> None:
         if self._listener is not None and not self.stopping:

@@ -34,6 +34,7 @@ _HELP = {
     "connections_open": "Connections open now, of any kind.",
     "unauthenticated_open": "Connections open now that have not authenticated yet.",
     "messages_total": "Frames received from peers.",
+    "accept_paused_total": "Pauses of accept(): pending table full, none stale (50 ms each).",
     "silent_deaths_total": "Nodes marked dead because they went silent.",
     "nodes_forgotten_total": "Nodes forgotten with their history (forget, forget_after).",
 }

@@ -66,6 +66,9 @@ class PeerTls:
         out = tls.output()
         if out:
             self.transport.write(out)
+        if not was_ready and (out or tls.ready):
+            # The master answered a handshake step: the peer's turn begins (admission.py).
+            self.master.admission.progressed(self)
         if not was_ready and tls.ready and not self._tls_ready():
             return b""
         return plain

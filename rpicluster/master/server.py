@@ -79,6 +79,8 @@ class Master(Listening, ClusterViews):
             settings.max_connections,
             settings.max_unauthenticated,
             settings.max_unauthenticated_per_address,
+            cluster.handshake_timeout,
+            self.clock,
         )
         # [tls]: every connection is TLS with a client certificate of the cluster CA;
         # identities maps a certificate's name to the node id it speaks as.
