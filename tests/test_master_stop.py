@@ -420,3 +420,131 @@ def test_last_seen_times_reach_the_database_while_running(
     expected = master.registry.to_wall(master.registry.nodes["n1"].seen)
     wait_for(lambda: saved_last_seen(master) == {"n1": expected}, what="the heartbeat's time saved")
     sock.close()
+
+
+def queued_client(master, secret):
+    """A client whose replies wait in the master (not all taken by the kernel) when it returns;
+    how many queries it sent. Its small receive buffer keeps what is queued small."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(10)
+    client.connect(("127.0.0.1", master.port))
+    p.client_handshake(client, secret, kind=p.KIND_CLIENT, node_id="cli", role="status")
+    (conn,) = [conn for conn in list(master.connections) if conn.kind == p.KIND_CLIENT]
+
+    def queued() -> bool:
+        done = threading.Event()
+        box = []
+        master.loop.call_soon_threadsafe(
+            lambda: (box.append(conn.transport.get_write_buffer_size()), done.set())
+        )
+        done.wait(10)
+        return bool(box and box[0])
+
+    read, sent = master.counters.messages_total, 0
+    while not queued():
+        assert sent < 100_000, "the kernel took every reply"
+        client.sendall(b"".join(p.make(p.QUERY, id=sent + i, what="cluster") for i in range(1, 21)))
+        sent += 20
+        # Each batch answered before the next look (replies are in order).
+        messages_read(master, read + sent)
+    return client, conn, sent
+
+
+def messages_read(master, count):
+    wait_for(lambda: master.counters.messages_total >= count, what=f"{count} messages read")
+
+
+def stop_in_background(master):
+    """stop() on another thread, returned once the shutdown has begun on the loop."""
+    stopper = threading.Thread(target=master.stop, name="test-stop")
+    stopper.start()
+    wait_for(lambda: master.stopping, what="the shutdown to begin")
+    return stopper
+
+
+def read_to_the_end(sock):
+    frames = []
+    with pytest.raises(p.DisconnectionError):
+        while True:
+            frames.append(p.recv_message(sock))
+    return frames
+
+
+def test_a_peer_reading_again_gets_its_queued_replies_then_the_goodbye(
+    master_factory, cluster_secret, caplog
+):
+    """The shutdown lets a connection with replies still queued drain (for a second at
+    most) before it drops what is left: a peer that reads gets them all, then the goodbye."""
+    master = master_factory(cluster=QUIET)
+    client, _conn, sent = queued_client(master, cluster_secret)
+    stopper = stop_in_background(master)
+
+    *replies, last = read_to_the_end(client)
+
+    stopper.join(10)
+    assert [reply["id"] for reply in replies] == list(range(1, sent + 1))
+    assert last == {"type": p.GOODBYE, "reason": "master shutting down"}
+    assert errors(caplog) == []
+    client.close()
+
+
+def test_a_peer_already_refused_gets_no_goodbye_after_its_error(
+    master_factory, cluster_secret, caplog
+):
+    """A connection closed with an error, its replies still queued, is left to drain: the
+    error is the last the peer reads, not followed by a goodbye."""
+    master = master_factory(cluster=QUIET)
+    client, conn, sent = queued_client(master, cluster_secret)
+    client.sendall(p.encode({"type": "no-such-type"}))
+    wait_for(lambda: conn.closed, what="the master to refuse the peer")
+    stopper = stop_in_background(master)
+
+    *replies, last = read_to_the_end(client)
+
+    stopper.join(10)
+    assert [reply["id"] for reply in replies] == list(range(1, sent + 1))
+    assert last["type"] == p.ERROR and last["code"] == p.E_UNKNOWN_TYPE
+    client.close()
+
+
+def test_a_history_read_answered_during_the_shutdown_is_not_sent_after_the_goodbye(
+    master_factory, cluster_secret, monkeypatch, released
+):
+    """The goodbye is a connection's last frame: a reply that comes back from the store's
+    thread once the shutdown has said goodbye is dropped, even while the peer still reads."""
+    from rpicluster.master import queries
+
+    reading = threading.Event()
+
+    def held(*args):
+        reading.set()
+        released.wait(RELEASE_AFTER)
+        return original(*args)
+
+    original = queries.read_history
+    monkeypatch.setattr(queries, "read_history", held)
+    master = master_factory(cluster=QUIET)
+    slave = join(master, cluster_secret)
+    client, conn, sent = queued_client(master, cluster_secret)
+    answered = threading.Event()
+    history_done = conn._history_done
+
+    def done(*args) -> None:
+        history_done(*args)
+        answered.set()
+
+    conn._history_done = done
+    client.sendall(p.make(p.QUERY, id=sent + 1, what="history", node_id="n1"))
+    assert reading.wait(10), "the history read never started"
+    stopper = stop_in_background(master)
+    released.set()
+    assert answered.wait(10), "the history read never came back"
+
+    *replies, last = read_to_the_end(client)
+
+    stopper.join(10)
+    assert [reply["id"] for reply in replies] == list(range(1, sent + 1))
+    assert last == {"type": p.GOODBYE, "reason": "master shutting down"}
+    client.close()
+    slave.close()
