@@ -242,19 +242,23 @@ def prepare(module: str) -> Path:
     return work
 
 
-def refresh_tests(module: str) -> list[str]:
-    """For --again: copy today's tests into the last run's copy; the mutants to re-test.
+def refresh_tests(module: str) -> bool:
+    """For --again: today's tests and package into the last run's copy; True if the module changed.
 
-    Only when the module itself is unchanged since that run (else mutant names and
-    results no longer match the code): then the mutants not killed last time are run
-    again against the new tests, and the killed ones keep their result.
+    The mutants not killed last time are then run again against the new tests, and the
+    killed ones keep their result. When the module itself changed since that run, its new
+    text goes into the copy too: mutmut re-mutates it and, by each function's hash, forgets
+    the results of the functions whose code changed (their mutants are renumbered and
+    untested again) while every other function keeps its mutants and results.
     """
     source, tests = MODULES[module]
     work = WORK / module
     if not (work / "mutants").is_dir():
         raise SystemExit(f"mutation: --again needs a previous run of {module}")
-    if (ROOT / source).read_bytes() != (work / source).read_bytes():
-        raise SystemExit(f"mutation: {source} changed since the last run: run it in full")
+    changed = (ROOT / source).read_bytes() != (work / source).read_bytes()
+    if changed:
+        # copy, not copy2: a newer time than the mutated file's is how mutmut sees the change
+        shutil.copy(ROOT / source, work / source)
     for name in SUPPORT + tests:
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, work / name)
@@ -277,8 +281,12 @@ def refresh_tests(module: str) -> list[str]:
             shutil.copytree(ROOT / name, work / name, dirs_exist_ok=True)
         else:
             shutil.copy2(ROOT / name, work / name)
-    previous = statuses(module)
-    return sorted(name for name, status in previous.items() if status not in KILLED)
+    return changed
+
+
+def not_killed_yet(module: str) -> list[str]:
+    """The mutants of the module's copy whose last result is not a kill (untested included)."""
+    return sorted(name for name, status in statuses(module).items() if status not in KILLED)
 
 
 def statuses(module: str) -> dict[str, str]:
@@ -311,12 +319,35 @@ def run_module(
     With ``only`` (and --again): just the mutants not killed last time whose names contain
     one of those strings, e.g. the ones a new test was written for.
     """
-    names = refresh_tests(module) if again else []
-    if again and only:
-        names = [name for name in names if any(part in name for part in only)]
-    work = WORK / module if again else prepare(module)
+    work = WORK / module
     mutmut = Path(sys.executable).with_name("mutmut")
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "RPICLUSTER_TESTS_FIRST": ",".join(FIRST)}
+    log = ""
+    if again:
+        if refresh_tests(module):
+            # mutmut run without names re-mutates the module and tests only the mutants
+            # without a result: those of the functions that changed (and any never tested).
+            print(f"== {module}: changed since the last run: its changed functions", flush=True)
+            first = subprocess.run(
+                [str(mutmut), "run", "--max-children", str(jobs)],
+                cwd=work,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            log = first.stdout + first.stderr
+            if first.returncode != 0:
+                (work / "run.log").write_text(log, encoding="utf-8")
+                sys.stdout.write(first.stdout[-4000:] + first.stderr[-4000:])
+                raise SystemExit(
+                    f"mutation: mutmut run failed for {module} (log: {work / 'run.log'})"
+                )
+        names = not_killed_yet(module)
+        if only:
+            names = [name for name in names if any(part in name for part in only)]
+    else:
+        names = []
+        work = prepare(module)
     what = f"{len(names)} mutants not killed last time" if again else "every mutant"
     print(f"== {module}: mutmut run, {what} ({MODULES[module][0]}, {jobs} jobs)", flush=True)
     if again and not names:
@@ -328,7 +359,7 @@ def run_module(
         capture_output=True,
         text=True,
     )
-    (work / "run.log").write_text(run.stdout + run.stderr, encoding="utf-8")
+    (work / "run.log").write_text(log + run.stdout + run.stderr, encoding="utf-8")
     if run.returncode != 0:
         sys.stdout.write(run.stdout[-4000:] + run.stderr[-4000:])
         raise SystemExit(f"mutation: mutmut run failed for {module} (log: {work / 'run.log'})")
