@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import pytest
 
-from rpicluster.config import ConfigError
+from rpicluster.config import Config, ConfigError, load_config, parse_config
 from rpicluster.web import https
 from rpicluster.web.auth import BasicAuth, hash_password
 from rpicluster.web.http import DashboardSettings, WebService
@@ -284,6 +284,34 @@ def test_https_settings_are_refused_with_file_section_and_key(make_config, pki, 
         webserver={"https": "on", "https_cert_file": cert, "https_key_file": group_key},
     )
     assert (config.webserver.https_cert_file, config.webserver.https_key_file) == (cert, group_key)
+
+
+def test_relative_https_files_are_found_beside_the_config_file(pki, tmp_path, monkeypatch):
+    """As [tls]'s files: beside a config file, against the working directory for text."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    copy_key(pki["web"].cert_file, etc / "web.crt", 0o644)
+    copy_key(pki["web"].key_file, etc / "web.key", 0o600)
+    text = (
+        f"[cluster]\nsecret = {TEST_SECRET}\n[slave]\nmaster_ip = {HOST}\n"
+        "[webserver]\nhttps = yes\nhttps_cert_file = web.crt\nhttps_key_file = web.key\n"
+    )
+    path = write(etc / "rpicluster.cfg", text, 0o644)
+
+    def files(config: Config) -> tuple[str, str]:
+        assert config.webserver.https
+        return config.webserver.https_cert_file, config.webserver.https_key_file
+
+    monkeypatch.chdir(tmp_path)  # not where the files are
+    assert files(load_config(path)) == (str(etc / "web.crt"), str(etc / "web.key"))
+    assert files(load_config("etc/rpicluster.cfg")) == ("etc/web.crt", "etc/web.key")
+    monkeypatch.chdir(etc)
+    assert files(parse_config(text)) == ("web.crt", "web.key")
+    assert files(parse_config(text, "<cli>")) == ("web.crt", "web.key")
+    # Absolute paths are kept as written, wherever the config is.
+    cert, key = pki["web"].cert_file, pki["web"].key_file
+    absolute = text.replace("= web.crt", f"= {cert}").replace("= web.key", f"= {key}")
+    assert files(parse_config(absolute, path)) == (cert, key)
 
 
 def test_the_webserver_role_serves_https_with_the_pis_credential(
