@@ -145,11 +145,15 @@ debootstrap --variant=minbase --arch="$ARCH" --include="$PACKAGES" "$SUITE" "$RO
     exit 1
 }
 
-# The Pi's login user, as on Raspberry Pi OS: `pi`, with passwordless sudo.
-# Its password field is '*' (no password, not locked) so sshd accepts its key.
-chroot "$ROOT" useradd --create-home --shell /bin/bash --groups sudo pi
-chroot "$ROOT" usermod --password '*' pi
-echo 'pi ALL=(ALL) NOPASSWD: ALL' >"$ROOT/etc/sudoers.d/010_pi-nopasswd"
+# The Pi's login user, as Raspberry Pi Imager makes it (OS customisation, "Set
+# username and password"): not `pi`, which today's cards do not have, so the demo
+# shows that nothing relies on it. Passwordless sudo in the file Raspberry Pi OS
+# keeps for it (010_pi-nopasswd, whatever the user's name). Its password field is
+# '*' (no password, not locked) so sshd accepts its key.
+LOGIN_USER=admin
+chroot "$ROOT" useradd --create-home --shell /bin/bash --groups sudo "$LOGIN_USER"
+chroot "$ROOT" usermod --password '*' "$LOGIN_USER"
+echo "$LOGIN_USER ALL=(ALL) NOPASSWD: ALL" >"$ROOT/etc/sudoers.d/010_pi-nopasswd"
 chmod 0440 "$ROOT/etc/sudoers.d/010_pi-nopasswd"
 
 # sshd: keys only. Host keys are made at first boot so every container of this

@@ -3,8 +3,9 @@
 #
 # Why: a new user should see the whole cluster work before owning a single Pi.
 # The containers run the same systemd image as the Molecule scenarios, with
-# sshd and a user `pi` with sudo, so Ansible reaches them exactly as it reaches
-# real Pis: ssh pi@<ip>, become with sudo, the real deploy.yml, and
+# sshd and a login user with sudo (`admin`, as if made in Raspberry Pi Imager: not
+# `pi`), so Ansible reaches them exactly as it reaches real Pis: ssh admin@<ip>,
+# become with sudo, the real deploy.yml, and
 # inventory/demo/ written the way a user writes inventory/pis/ (its group_vars
 # are the shipped ones, linked).
 #
@@ -27,6 +28,8 @@ INVENTORY=$ROOT/inventory/demo
 # Inventory names, as in inventory/pis/hosts.yml (without .local).
 HOSTS=(rpi-master rpi-node-01 rpi-node-02 rpi-node-03)
 SSH_WAIT_SECONDS=60
+# The images' login user (build-image.sh), as a user makes it in Raspberry Pi Imager.
+LOGIN_USER=admin
 WEB_PORT=8123
 # Where the roles install the CLI (rpicluster_install_dir in the roles' defaults).
 CLI=/opt/rpicluster/venv/bin/rpicluster
@@ -45,7 +48,7 @@ ssh_pi() {
     local ip=$1
     shift
     ssh -i "$KEY" -o BatchMode=yes -o ConnectTimeout=3 -o StrictHostKeyChecking=accept-new \
-        -o UserKnownHostsFile="$KNOWN_HOSTS" -o LogLevel=ERROR "pi@$ip" "$@"
+        -o UserKnownHostsFile="$KNOWN_HOSTS" -o LogLevel=ERROR "$LOGIN_USER@$ip" "$@"
 }
 
 ensure_tools() {
@@ -99,23 +102,24 @@ ensure_containers() {
     done
 }
 
-# Put the demo key in ~pi/.ssh/authorized_keys, as Raspberry Pi Imager does for
-# a real Pi, then wait until sshd lets pi in and sudo works.
+# Put the demo key in the login user's ~/.ssh/authorized_keys, as Raspberry Pi
+# Imager does for a real Pi, then wait until sshd lets the user in and sudo works.
 ensure_ssh() {
     local host name ip pub deadline
     pub=$(cat "$KEY.pub")
     for host in "${HOSTS[@]}"; do
         name=$PREFIX$host
-        docker exec "$name" sh -c "install -d -m 0700 -o pi -g pi ~pi/.ssh &&
-            printf '%s\n' '$pub' > ~pi/.ssh/authorized_keys &&
-            chown pi:pi ~pi/.ssh/authorized_keys && chmod 0600 ~pi/.ssh/authorized_keys"
+        docker exec "$name" sh -c "install -d -m 0700 -o $LOGIN_USER -g $LOGIN_USER ~$LOGIN_USER/.ssh &&
+            printf '%s\n' '$pub' > ~$LOGIN_USER/.ssh/authorized_keys &&
+            chown $LOGIN_USER:$LOGIN_USER ~$LOGIN_USER/.ssh/authorized_keys &&
+            chmod 0600 ~$LOGIN_USER/.ssh/authorized_keys"
     done
     for host in "${HOSTS[@]}"; do
         ip=$(container_ip "$host")
         [[ -n $ip ]] || die "container $PREFIX$host has no address on network $NETWORK"
         deadline=$((SECONDS + SSH_WAIT_SECONDS))
         until ssh_pi "$ip" sudo -n true 2>/dev/null; do
-            ((SECONDS < deadline)) || die "ssh pi@$ip ($host) with sudo did not work within ${SSH_WAIT_SECONDS}s"
+            ((SECONDS < deadline)) || die "ssh $LOGIN_USER@$ip ($host) with sudo did not work within ${SSH_WAIT_SECONDS}s"
             sleep 1
         done
     done
@@ -130,7 +134,7 @@ write_inventory() {
         echo "# The same layout as inventory/pis/hosts.yml, with the containers' addresses."
         echo "all:"
         echo "  vars:"
-        echo "    ansible_user: pi"
+        echo "    ansible_user: $LOGIN_USER"
         echo "    ansible_become: true"
         echo "    ansible_ssh_private_key_file: $KEY"
         echo "    # Every demo container makes its own host keys at first boot: accept new"
@@ -192,7 +196,7 @@ show_status() {
     ssh_pi "$master_ip" sudo "$CLI" status || die "rpicluster status failed on rpi-master"
     echo
     echo "Dashboard: http://$web_ip:$WEB_PORT/   (metrics: http://$web_ip:$WEB_PORT/metrics)"
-    echo "Log in to a Pi: ssh -i $KEY -o UserKnownHostsFile=$KNOWN_HOSTS pi@$master_ip"
+    echo "Log in to a Pi: ssh -i $KEY -o UserKnownHostsFile=$KNOWN_HOSTS $LOGIN_USER@$master_ip"
     echo "Remove it all: make demo-down"
 }
 
