@@ -48,3 +48,42 @@ def on_loop(master: Any, fn: Callable[[], T]) -> T:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def queued_client(master: Any, secret: str) -> tuple[Any, Any, int]:
+    """A client connection with replies waiting in the master (more than the kernel took):
+    ``(socket, the master's Connection, how many queries it sent)``. The client's small
+    receive buffer keeps what waits small; it has read nothing yet."""
+    import socket
+
+    from rpicluster import protocol as p
+
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(10)
+    client.connect(("127.0.0.1", master.port))
+    p.client_handshake(client, secret, kind=p.KIND_CLIENT, node_id="cli", role="status")
+    (conn,) = [conn for conn in list(master.connections) if conn.kind == p.KIND_CLIENT]
+    read, sent = master.counters.messages_total, 0
+    while not on_loop(master, conn.transport.get_write_buffer_size):
+        assert sent < 100_000, "the kernel took every reply"
+        client.sendall(b"".join(p.make(p.QUERY, id=sent + i, what="cluster") for i in range(1, 21)))
+        sent += 20
+        messages_read(master, read + sent)  # the batch answered before the next look
+    return client, conn, sent
+
+
+def messages_read(master: Any, count: int) -> None:
+    wait_for(lambda: master.counters.messages_total >= count, what=f"{count} messages read")
+
+
+def read_to_the_end(sock: Any) -> list[dict[str, Any]]:
+    """Every message until the peer closes the connection."""
+    from rpicluster import protocol as p
+
+    frames = []
+    while True:
+        try:
+            frames.append(p.recv_message(sock))
+        except p.DisconnectionError:
+            return frames

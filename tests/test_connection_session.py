@@ -6,12 +6,13 @@ vitals and action errors, and a suspect node's heartbeat makes it alive again.""
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
 
 from rpicluster import memberdata as md
 from rpicluster import protocol as p
-from tests.helpers import wait_for
+from tests.helpers import on_loop, queued_client, read_to_the_end, wait_for
 
 QUIET = {"heartbeat_interval": 1, "suspect_after": 30, "dead_after": 60}
 
@@ -295,3 +296,86 @@ def test_a_peer_that_does_not_read_its_replies_is_dropped_with_the_reason(
     client.close()
     for sock in slaves:
         sock.close()
+
+
+def test_a_peer_is_dropped_only_past_the_write_buffer_limit(master_factory):
+    """MAX_WRITE_BUFFER bytes waiting for a peer is still allowed; one byte more is not."""
+    from rpicluster.master.connection import MAX_WRITE_BUFFER, Connection
+
+    master = master_factory(cluster=QUIET)
+
+    class Transport:
+        def __init__(self, waiting: int) -> None:
+            self.waiting = waiting
+            self.written: list[bytes] = []
+            self.closed = False
+
+        def write(self, data: bytes) -> None:
+            self.written.append(data)
+
+        def get_write_buffer_size(self) -> int:
+            return self.waiting
+
+        def close(self) -> None:
+            self.closed = True
+
+        def abort(self) -> None:
+            self.closed = True
+
+    def send_with(waiting: int) -> tuple[bool, list[bytes]]:
+        conn = Connection(master, "127.0.0.1", "127.0.0.1:9")
+        conn.transport = transport = Transport(waiting)
+        conn.write = transport.write
+        conn.send(b"reply")
+        return conn.closed and transport.closed, transport.written
+
+    assert on_loop(master, lambda: send_with(MAX_WRITE_BUFFER)) == (False, [b"reply"])
+    dropped, written = on_loop(master, lambda: send_with(MAX_WRITE_BUFFER + 1))
+    assert dropped and written[0] == b"reply"
+    assert p.decode_body(written[1][4:]) == {
+        "type": p.ERROR,
+        "code": p.E_BAD_MESSAGE,
+        "message": "peer does not read its replies",
+    }
+
+
+def test_a_reply_ready_after_the_peer_was_refused_is_not_sent(
+    master_factory, cluster_secret, monkeypatch
+):
+    """The error is the last frame of a refused connection: a history read that comes back
+    from the store's thread afterwards (the peer not reading, its connection still
+    draining) is dropped."""
+    from rpicluster.master import queries
+
+    reading, release, answered = threading.Event(), threading.Event(), threading.Event()
+    original = queries.read_history
+
+    def held(*args):
+        reading.set()
+        release.wait(30)
+        return original(*args)
+
+    monkeypatch.setattr(queries, "read_history", held)
+    master = master_factory(cluster=QUIET)
+    slave = join(master, cluster_secret)
+    client, conn, sent = queued_client(master, cluster_secret)
+    history_done = conn._history_done
+
+    def done(*args) -> None:
+        history_done(*args)
+        answered.set()
+
+    conn._history_done = done
+    client.sendall(p.make(p.QUERY, id=sent + 1, what="history", node_id="n1"))
+    assert reading.wait(10), "the history read never started"
+    client.sendall(p.encode({"type": "no-such-type"}))
+    wait_for(lambda: conn.closed, what="the master to refuse the peer")
+    release.set()
+    assert answered.wait(10), "the history read never came back"
+
+    *replies, last = read_to_the_end(client)
+
+    assert [reply["id"] for reply in replies] == list(range(1, sent + 1))
+    assert last["type"] == p.ERROR and last["code"] == p.E_UNKNOWN_TYPE
+    client.close()
+    slave.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from rpicluster import protocol as p
-from tests.helpers import wait_for
+from tests.helpers import queued_client, read_to_the_end, wait_for
 
 QUIET = {"heartbeat_interval": 1, "suspect_after": 30, "dead_after": 60}
 RELEASE_AFTER = 60.0  # a stuck test releases its blocked thread after this long at the latest
@@ -422,53 +422,12 @@ def test_last_seen_times_reach_the_database_while_running(
     sock.close()
 
 
-def queued_client(master, secret):
-    """A client whose replies wait in the master (not all taken by the kernel) when it returns;
-    how many queries it sent. Its small receive buffer keeps what is queued small."""
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    client.settimeout(10)
-    client.connect(("127.0.0.1", master.port))
-    p.client_handshake(client, secret, kind=p.KIND_CLIENT, node_id="cli", role="status")
-    (conn,) = [conn for conn in list(master.connections) if conn.kind == p.KIND_CLIENT]
-
-    def queued() -> bool:
-        done = threading.Event()
-        box = []
-        master.loop.call_soon_threadsafe(
-            lambda: (box.append(conn.transport.get_write_buffer_size()), done.set())
-        )
-        done.wait(10)
-        return bool(box and box[0])
-
-    read, sent = master.counters.messages_total, 0
-    while not queued():
-        assert sent < 100_000, "the kernel took every reply"
-        client.sendall(b"".join(p.make(p.QUERY, id=sent + i, what="cluster") for i in range(1, 21)))
-        sent += 20
-        # Each batch answered before the next look (replies are in order).
-        messages_read(master, read + sent)
-    return client, conn, sent
-
-
-def messages_read(master, count):
-    wait_for(lambda: master.counters.messages_total >= count, what=f"{count} messages read")
-
-
 def stop_in_background(master):
     """stop() on another thread, returned once the shutdown has begun on the loop."""
     stopper = threading.Thread(target=master.stop, name="test-stop")
     stopper.start()
     wait_for(lambda: master.stopping, what="the shutdown to begin")
     return stopper
-
-
-def read_to_the_end(sock):
-    frames = []
-    with pytest.raises(p.DisconnectionError):
-        while True:
-            frames.append(p.recv_message(sock))
-    return frames
 
 
 def test_a_peer_reading_again_gets_its_queued_replies_then_the_goodbye(
