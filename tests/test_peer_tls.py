@@ -234,3 +234,79 @@ def test_after_a_master_restart_a_reinstalled_pi_still_replaces_its_old_node(
         " 0 connection(s) closed"
     ]
     new.close()
+
+
+def test_a_peer_that_never_starts_tls_is_closed_at_the_timeout_without_a_byte(
+    master_factory, make_config, pki, tmp_path
+):
+    """Nothing of the protocol crosses before the TLS handshake, the timeout's error frame
+    included: the connection just ends, as the handshake timeout says."""
+    master = tls_master(master_factory, make_config, pki, tmp_path / "m")
+    sock = socket.create_connection(("127.0.0.1", master.port), timeout=10)
+    assert sock.recv(4096) == b""  # the end of the connection, not a frame, nor no end
+    assert counters(master)["handshake_timeouts_total"] == 1
+    sock.close()
+
+
+@pytest.mark.parametrize(
+    ("details", "bound"),
+    [
+        ({"tls": {"name": "pi-a", "not_after": 1.0}}, "pi-a"),
+        ({"tls": {"name": 42}}, ""),  # a damaged record binds no one
+        ({"tls": {"name": None}}, ""),
+        ({"tls": "pi-a"}, ""),
+        ({"node_name": "pi-a"}, ""),  # a name alone is a peer's word, not a binding
+    ],
+)
+def test_only_a_tls_record_with_a_string_name_binds_a_node(details, bound):
+    from types import SimpleNamespace
+
+    from rpicluster.master.peertls import bound_identity
+
+    assert bound_identity(SimpleNamespace(details=details)) == bound
+
+
+def test_a_frame_in_the_same_read_as_the_end_of_the_tls_handshake_is_not_lost(
+    master_factory, make_config, pki, tmp_path
+):
+    """The peer's Finished and its first frame in one write: the master challenges it,
+    then answers that frame (here a bad first message) rather than dropping it."""
+    master = tls_master(master_factory, make_config, pki, tmp_path / "m")
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = tlsmod.client_context(pki["pi-a"]).wrap_bio(
+        incoming, outgoing, server_hostname="127.0.0.1"
+    )
+    sock = socket.create_connection(("127.0.0.1", master.port), timeout=10)
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            incoming.write(sock.recv(65536))
+    tls.write(p.encode({"type": "ping"}))
+    sock.sendall(outgoing.read())  # the Finished and the frame, one write
+
+    while True:  # everything until the master closes the connection
+        data = sock.recv(65536)
+        if not data:
+            break
+        incoming.write(data)
+    plain = b""
+    while True:
+        try:
+            chunk = tls.read(65536)
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            break
+        if not chunk:
+            break
+        plain += chunk
+    frames = [p.decode_body(body) for body in p.FrameDecoder(1 << 20).feed(plain)]
+    challenge, error = frames
+    assert challenge["type"] == p.CHALLENGE
+    assert error == {
+        "type": p.ERROR,
+        "code": p.E_BAD_MESSAGE,
+        "message": "expected a hello message first, got 'ping'",
+    }
+    sock.close()
