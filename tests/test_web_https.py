@@ -260,6 +260,9 @@ def test_https_settings_are_refused_with_file_section_and_key(make_config, pki, 
     assert refusal(https="yes", https_cert_file=cert) == (
         "[webserver] https_key_file: is required when the other one is set"
     )
+    assert refusal(https="no", https_key_file=key) == (
+        "[webserver] https_cert_file: is required when the other one is set"
+    )
     missing = str(tmp_path / "missing.crt")
     assert refusal(https="yes", https_cert_file=missing, https_key_file=key) == (
         f"[webserver] https_cert_file: {missing}: file not found"
