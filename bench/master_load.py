@@ -207,6 +207,18 @@ def main(argv: Any = None) -> int:
             if registered_after is not None
             else "NO, not within 60 s"
         ),
+        "admission (admission.py) from launch to the end: "
+        + ", ".join(
+            f"{name} {counters.get(name, '?')}"
+            for name in (
+                "connections_total",
+                "accept_paused_total",
+                "connections_evicted_total",
+                "handshake_timeouts_total",
+                "connections_refused_total",
+                "tls_failures_total",
+            )
+        ),
         f"states at the end: {by_state}; slaves marked dead during the run: {deaths};"
         f" master loop-lateness warnings: {stalls};"
         f" disconnects seen by slaves: {results['disconnects']};"

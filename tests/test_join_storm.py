@@ -55,7 +55,7 @@ def fill(admission: Admission, n: int, address: str = "10.0.0.1") -> list[Conn]:
 def test_a_full_table_of_progressing_connections_pauses_instead_of_evicting():
     admission, clock = table(pending=3)
     fill(admission, 3)
-    clock.now += STALE_MIN  # not yet more than stale_after
+    clock.now += 0.9 * STALE_MIN  # not yet more than stale_after
     assert admission.full()
     room = admission.make_room()
     assert room.victim is None and "3 pending, none stale" in room.reason
@@ -70,7 +70,9 @@ def test_the_stalest_goes_first_whatever_its_address():
     clock.now += STALE_MIN - 0.05  # quiet has waited STALE_MIN + 0.05 s
     room = admission.make_room()
     assert room.victim is quiet
-    assert room.reason == "waited 0.55 s on the peer, stale after 0.50 s"
+    assert (
+        room.reason == f"waited {STALE_MIN + 0.05:.2f} s on the peer, stale after {STALE_MIN:.2f} s"
+    )
     assert admission.pending == 2 and "10.0.0.9" not in admission.by_address
     assert not admission.full()
     assert admission.make_room().victim is None  # the next one is not stale yet
@@ -89,11 +91,11 @@ def test_only_the_masters_answers_restart_a_peers_turn():
     """A slowloris's bytes never count: only a handshake step the master answered does."""
     admission, clock = table(pending=2)
     trickler, answered = fill(admission, 2)
-    clock.now += 0.4
+    clock.now += 0.75 * STALE_MIN
     admission.progressed(answered)  # its TLS flight went out: its peer's turn begins
-    clock.now += 0.2  # trickler: 0.6 s since accept; answered: 0.2 s since the answer
+    clock.now += 0.5 * STALE_MIN  # trickler: 1.25 x STALE_MIN since accept, answered 0.5 x
     assert admission.make_room().victim is trickler
-    clock.now += STALE_MIN  # answered's peer has now sat on the answer too long
+    clock.now += 0.75 * STALE_MIN  # answered's peer has now sat on the answer too long
     assert admission.make_room().victim is answered
 
 

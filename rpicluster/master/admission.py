@@ -52,7 +52,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
-STALE_MIN = 0.5  # seconds a peer's turn may last before it is stale, when peers are quick
+STALE_MIN = 0.2  # seconds a peer's turn may last before it is stale, when peers are quick
 STALE_FACTOR = 4.0  # stale after this many times the longest turn of recent joiners
 TURN_HALF_LIFE = 10.0  # seconds for a slow joiner's turn to count half as much
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import select
 import socket
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -58,6 +59,13 @@ def raise_nofile_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
     return 0 if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def _waiting(listener: socket.socket) -> bool:
+    """True when a connection waits in the listener's backlog (one poll, no wait)."""
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class Listening:
@@ -107,7 +115,9 @@ class Listening:
         admission = self.admission
         for index in range(ACCEPT_BATCH):
             if admission.full():
-                if index:  # room is made for a connection that waits: the next event says so
+                # Room is made only for a connection that waits: the readiness event
+                # says so for the first of a batch, a poll of the listener for the rest.
+                if index and not _waiting(listener):
                     return
                 room = admission.make_room()
                 if room.victim is None:
