@@ -5,6 +5,7 @@ vitals and action errors, and a suspect node's heartbeat makes it alive again.""
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 
@@ -259,6 +260,35 @@ def test_a_suspect_nodes_heartbeat_makes_it_alive_again(master_factory, cluster_
     assert p.recv_message(sock) == {"type": p.HEARTBEAT_ACK, "seq": 1}
     assert state(master) == "alive"
     sock.close()
+
+
+def test_a_silent_role_is_dropped_while_the_other_role_of_its_node_heartbeats(
+    master_factory, cluster_secret, caplog
+):
+    """Each role's connection has its own last message: the heartbeating one keeps its
+    session (the node stays alive), the silent one is closed once dead_after has passed."""
+    master = master_factory(
+        cluster={"heartbeat_interval": 0.1, "suspect_after": 1, "dead_after": 1.5}
+    )
+    talking = join(master, cluster_secret, role="basic")
+    silent = join(master, cluster_secret, role="vitals")
+    seq = 0
+    while not select.select([silent], [], [], 0.1)[0]:  # the silent role hears first
+        seq += 1
+        talking.sendall(heartbeat(seq))
+        assert p.recv_message(talking) == {"type": p.HEARTBEAT_ACK, "seq": seq}
+        assert seq < 150, "the silent role was never dropped"
+    assert p.recv_message(silent) == {
+        "type": p.ERROR,
+        "code": p.E_SILENT,
+        "message": "no message for 1.5 s: node or role presumed dead",
+    }
+    (node,) = master.cluster_state()["nodes"]
+    assert node["state"] == "alive" and node["connected"]
+    assert on_loop(master, lambda: sorted(master.registry.nodes["n1"].sessions)) == ["basic"]
+    assert not lines(caplog, "periodic _sweep failed")
+    talking.close()
+    silent.close()
 
 
 def test_a_peer_that_does_not_read_its_replies_is_dropped_with_the_reason(

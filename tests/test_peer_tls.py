@@ -237,14 +237,20 @@ def test_after_a_master_restart_a_reinstalled_pi_still_replaces_its_old_node(
 
 
 def test_a_peer_that_never_starts_tls_is_closed_at_the_timeout_without_a_byte(
-    master_factory, make_config, pki, tmp_path
+    master_factory, make_config, pki, tmp_path, caplog
 ):
     """Nothing of the protocol crosses before the TLS handshake, the timeout's error frame
-    included: the connection just ends, as the handshake timeout says."""
+    included: the connection just ends, and the log says the TLS handshake was pending."""
     master = tls_master(master_factory, make_config, pki, tmp_path / "m")
     sock = socket.create_connection(("127.0.0.1", master.port), timeout=10)
+    port = sock.getsockname()[1]
     assert sock.recv(4096) == b""  # the end of the connection, not a frame, nor no end
     assert counters(master)["handshake_timeouts_total"] == 1
+    limit = master.config.cluster.handshake_timeout
+    assert lines(caplog, "no valid hello") == [
+        f"peer 127.0.0.1:{port}: handshake_timeout: no valid hello within {limit:g} s,"
+        " TLS handshake not finished; closing"
+    ]
     sock.close()
 
 
