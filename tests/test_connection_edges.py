@@ -349,6 +349,7 @@ def test_a_hello_without_mac_names_the_peer_in_the_log(master, caplog):
     )
     answer = p.recv_message(sock)
     assert answer["code"] == p.E_AUTH_FAILED
+    assert answer["message"] == "hello carries no mac: the peer has no cluster secret"
     logged = lines(caplog, "hello carries no mac")
     assert len(logged) == 1
     assert f"(node_id='{'x' * 128}' role='basic')" in logged[0]

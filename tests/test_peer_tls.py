@@ -137,14 +137,24 @@ def test_a_failed_tls_handshake_names_the_peer(master_factory, make_config, pki,
     assert line.endswith("; closing")
 
 
-def test_a_long_claimed_node_name_is_cut_in_the_refusal(master_factory, make_config, pki, tmp_path):
+def test_a_long_claimed_node_name_is_cut_in_the_refusal(
+    master_factory, make_config, pki, tmp_path, caplog
+):
     master = tls_master(master_factory, make_config, pki, tmp_path / "m")
-    sock = raw_tls(master, pki["pi-a"])
+    plain = socket.create_connection(("127.0.0.1", master.port), timeout=10)
+    port = plain.getsockname()[1]
+    sock = tlsmod.connect(plain, tlsmod.client_context(pki["pi-a"]), "127.0.0.1")
     with pytest.raises(p.ProtocolError) as refused:
         hello(sock, "node-a", {"node_name": "x" * 100})
     sock.close()
     assert refused.value.code == p.E_IDENTITY
-    assert refused.value.message == f"hello names node {'x' * 64!r} but the certificate is 'pi-a'"
+    why = f"hello names node {'x' * 64!r} but the certificate is 'pi-a'"
+    assert refused.value.message == why
+    # The log line names the peer by what it claimed and by its certificate.
+    assert lines(caplog, "hello names node") == [
+        f"peer 127.0.0.1:{port} (node_id=node-a role=basic kind=slave certificate=pi-a):"
+        f" identity_mismatch: {why}; closing"
+    ]
 
 
 def test_the_same_pi_reconnecting_keeps_its_node(
