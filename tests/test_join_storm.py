@@ -20,7 +20,7 @@ from rpicluster import protocol as p
 from rpicluster import tls as tlsmod
 from rpicluster.master import admission as adm
 from rpicluster.master.admission import STALE_MIN, TURN_HALF_LIFE, Admission
-from tests.helpers import wait_for
+from tests.helpers import on_loop, wait_for
 from tests.tlscerts import CA, tls_section
 
 
@@ -277,3 +277,50 @@ def test_the_tls_flight_restarts_the_peers_turn(master_factory, make_config, tmp
     admitted = master.admission.clock() - 10  # at most this long ago
     assert address == "127.0.0.1" and longest > 0.0 and since > admitted
     sock.close()
+
+
+def test_room_is_made_only_for_connections_that_wait(master_factory):
+    """Within one batch of accepts a stale peer goes only for a connect that waits."""
+    master = master_factory(
+        cluster={"heartbeat_interval": 1, "suspect_after": 30, "dead_after": 60},
+        master={"max_unauthenticated": 2, "max_unauthenticated_per_address": 64},
+    )
+
+    def dial() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", master.port), timeout=10)
+
+    def evicted() -> int:
+        return master.cluster_state()["master"]["counters"]["connections_evicted_total"]
+
+    first, second = dial(), dial()
+    for sock in (first, second):
+        assert p.recv_message(sock)["type"] == p.CHALLENGE
+    fd = master._listener.fileno()
+    shift = {"by": 0.0}
+    real = master.admission.clock
+
+    def later() -> float:
+        return real() + shift["by"]
+
+    def freeze() -> None:  # connects now wait in the backlog until _accept runs
+        master.loop.remove_reader(fd)
+        master.admission.clock = later
+
+    on_loop(master, freeze)
+    shift["by"] = 1.0  # both strangers stale
+    newcomer = dial()
+    on_loop(master, master._accept)
+    assert p.recv_message(newcomer)["type"] == p.CHALLENGE
+    assert evicted() == 1  # the first stranger only: nobody else waited
+    with pytest.raises((p.DisconnectionError, ConnectionError)):
+        p.recv_message(first)
+    shift["by"] = 2.0  # the second stranger and the newcomer stale now
+    waiting = [dial(), dial()]
+    on_loop(master, master._accept)
+    for sock in waiting:
+        assert p.recv_message(sock)["type"] == p.CHALLENGE
+    assert evicted() == 3
+    assert master.counters.accept_paused_total == 0
+    on_loop(master, master._resume_accept)
+    for sock in [first, second, newcomer, *waiting]:
+        sock.close()
