@@ -31,12 +31,15 @@ connection costs before its ``hello`` is bounded here:
   longest turn a recent one took (decaying with a half-life of ``TURN_HALF_LIFE``),
   at least ``STALE_MIN`` and at most half of ``handshake_timeout``. Quick peers
   (a quiet LAN, ``rpicluster status``) keep it at ``STALE_MIN``, so idle strangers
-  holding every slot delay a newcomer by at most that; a starved storm whose
+  holding every slot delay a newcomer by about that for each tableful of them
+  queued ahead of it in the backlog (3,000 idle strangers: 467 ms, bench/results.md;
+  evicting the oldest at once, as before, cost 168 ms); a starved storm whose
   handshakes take seconds raises it, so slow but honest peers are not evicted.
   Strangers cannot raise it: only authenticated turns count.
 
 Issue 7's guarantee holds: a stranger holds a pending slot for at most
-``stale_after`` per answer it earns (at most three) while someone waits, and for at
+``stale_after`` per turn (at most three: from accept, and after each of the two
+answers it can earn) while someone waits, and for at
 most ``handshake_timeout`` in any case, so a slave or ``rpicluster status`` that
 reached the backlog is accepted; while the table is full of progressing
 connections it waits its turn in the backlog, at worst ``LISTEN_BACKLOG`` connects
