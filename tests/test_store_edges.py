@@ -913,3 +913,116 @@ def test_repair_and_refusal_totals_add_up_over_batches(store, caplog):
     assert written(store)
     assert (store.repaired_total, store.rejected_total) == (1, 1)
     assert store.health()["rejected_total"] == 1
+
+
+def test_a_failed_batch_put_back_into_a_full_queue_drops_the_oldest_and_says_why(
+    state_dir, monkeypatch, caplog
+):
+    caplog.set_level(logging.ERROR)
+    monkeypatch.setattr(wq, "QUEUE_POINTS", 3)
+    monkeypatch.setattr(s, "RETRY_MIN", 0.01)
+    store = Store(str(state_dir), FOREVER)
+    real = store._transaction
+    calls: list[int] = []
+
+    def fails_while_the_queue_fills(batch: Batch, prune: bool) -> None:
+        calls.append(len(batch.points))
+        if len(calls) == 1:
+            store.add_vitals([point("n", t) for t in (4.0, 5.0, 6.0)])  # full again meanwhile
+            raise sqlite3.OperationalError("disk I/O error")
+        real(batch, prune)
+
+    monkeypatch.setattr(store, "_transaction", fails_while_the_queue_fills)
+    store.add_vitals([point("n", t) for t in (1.0, 2.0, 3.0)])
+    store.start()
+    wait_for(
+        lambda: db_rows(state_dir, "SELECT ts FROM vitals ORDER BY ts") == [(4.0,), (5.0,), (6.0,)],
+        what="the newest three points saved by the retry",
+    )
+    assert calls[0] == 3 and store.dropped_total == 3
+    assert [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()] == [
+        f"{store.path}: 3 vitals points dropped (3 in all): the write queue is full"
+    ]
+    store.close()
+
+
+class InstantBackoff(threading.Condition):
+    """The writer's condition on the test's clock: a wait with a limit does not wait, the
+    clock moves on by the limit (so each backoff the writer chose is recorded)."""
+
+    def __init__(self, clock: list[float]) -> None:
+        super().__init__()
+        self.clock = clock
+        self.waits: list[float] = []
+
+    def wait_for(self, predicate: Any, timeout: Any = None) -> Any:
+        if timeout is None:
+            return super().wait_for(predicate)
+        self.waits.append(timeout)
+        self.clock[0] += timeout
+        return predicate()
+
+
+def test_failed_writes_back_off_doubling_from_half_a_second_to_thirty(state_dir, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(s.time, "monotonic", lambda: clock[0])
+    store = Store(str(state_dir), FOREVER)
+    backoff = store._cond = InstantBackoff(clock)
+    failing = FailingTransactions(store, failures=8)
+    saved = threading.Event()
+
+    def transaction(batch: Batch, prune: bool) -> None:
+        failing(batch, prune)
+        saved.set()  # only once a write went through
+
+    monkeypatch.setattr(store, "_transaction", transaction)
+    store.save_nodes([node_row("a")])
+    store.start()
+    assert saved.wait(10)
+    assert backoff.waits == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert store.write_errors == 8
+    store.close()
+    assert db_rows(state_dir, "SELECT node_id FROM nodes") == [("a",)]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_read_while_a_dying_writer_fails_the_waiting_ones_is_refused_too(state_dir, monkeypatch):
+    """The writer's thread is still alive while it hands out its failures: a read that comes
+    then (here from the hand-over itself) must be refused, not queued for nobody."""
+    store = Store(str(state_dir), FOREVER)
+
+    def killed() -> None:
+        with store._cond:
+            store._cond.wait_for(lambda: store._pending.reads)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(store, "_work", killed)
+    store.start()
+    late: list[Any] = []
+    store.read(lambda conn: 1, lambda result: store.read(lambda conn: 2, late.append))
+    store._thread.join(10)
+    assert [str(a) for a in late] == [f"{store.path}: the database writer is not running"]
+    store.close()
+
+
+def test_a_shutdown_on_a_failing_disk_makes_two_final_attempts_whatever_is_queued(
+    state_dir, monkeypatch
+):
+    """The writer tries its batch once more, then leaves the rest to close(): each final
+    attempt retries for 3 s, and close() waits 5 s for the writer, so the writer must not
+    go on batch after batch. Every point queued is counted lost."""
+    monkeypatch.setattr(s, "RETRY_MIN", 60.0)
+    monkeypatch.setattr(s, "TXN_POINTS", 2)
+    monkeypatch.setattr(wq, "TXN_POINTS", 2)
+    store = Store(str(state_dir), FOREVER)
+    failing = FailingTransactions(store, failures=1000)
+    monkeypatch.setattr(store, "_transaction", failing)
+    store.add_vitals([point("n", t) for t in range(1, 7)])  # three transactions' worth
+    store.start()
+    wait_for(lambda: len(failing.calls) == 1, what="the first write failed")
+    clock = [1000.0]  # the final attempts' 3 s of retries without waiting them
+    monkeypatch.setattr(s.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(s.time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+    store.close()
+    assert failing.calls == [False] + [True] * 10  # the writer's final batch, then close()'s
+    assert store.dropped_total == 6 and store._closed
