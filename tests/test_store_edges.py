@@ -5,6 +5,7 @@ the health it reports. Real SQLite files in tmp_path, reopened to see what was s
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import sqlite3
@@ -1026,3 +1027,68 @@ def test_a_shutdown_on_a_failing_disk_makes_two_final_attempts_whatever_is_queue
     store.close()
     assert failing.calls == [False] + [True] * 10  # the writer's final batch, then close()'s
     assert store.dropped_total == 6 and store._closed
+
+
+def test_close_gives_up_on_a_stuck_writer_after_its_timeout_and_says_so(state_dir, caplog):
+    caplog.set_level(logging.ERROR)
+    store = Store(str(state_dir), FOREVER)
+    store.start()
+    inside, release = threading.Event(), threading.Event()
+
+    def stuck(conn: sqlite3.Connection) -> bool:
+        inside.set()
+        return release.wait(10)
+
+    store.read(stuck, lambda result: None)
+    assert inside.wait(10)
+    unstick = threading.Timer(5.0, release.set)  # a close() that waited for good returns then
+    unstick.start()
+    try:
+        store.close(timeout=0.2)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"{store.path}: writer did not finish within 0.2 s"
+        ]
+        assert not store._closed
+    finally:
+        unstick.cancel()
+        release.set()
+    store.close()  # the writer finishes now: this one closes the database
+    assert store._closed
+
+
+def test_close_of_a_store_whose_writer_never_ran_saves_as_a_final_write(state_dir, monkeypatch):
+    clock = [500.0]
+    monkeypatch.setattr(s.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(s.time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+    store = Store(str(state_dir), FOREVER)
+    failing = FailingTransactions(store, failures=2)
+    monkeypatch.setattr(store, "_transaction", failing)
+    store.save_nodes([node_row("a")])
+    store.close()
+    assert failing.calls == [True, True, True]  # retried, and pruning, as a final write does
+    assert db_rows(state_dir, "SELECT node_id FROM nodes") == [("a",)]
+
+
+def test_close_empties_the_journal_even_while_another_connection_has_the_file_open(state_dir):
+    store = Store(str(state_dir), FOREVER)
+    store.start()
+    store.add_vitals([point("n", t) for t in range(100)])
+    assert written(store)
+    wal = state_dir / "rpicluster.db-wal"
+    # e.g. sqlite3 run by hand on the master: idle, but SQLite's own checkpoint at the
+    # last connection's close does not happen while it is open
+    with contextlib.closing(sqlite3.connect(state_dir / "rpicluster.db")) as other:
+        assert other.execute("SELECT COUNT(*) FROM vitals").fetchall() == [(100,)]
+        assert wal.stat().st_size > 0
+        store.close()
+        assert wal.stat().st_size == 0
+
+
+def test_a_second_close_does_not_touch_the_closed_database(state_dir, caplog):
+    store = Store(str(state_dir), FOREVER)
+    store.start()
+    store.close()
+    caplog.set_level(logging.WARNING)
+    store.save_nodes([node_row("late")])
+    store.close()
+    assert caplog.records == [] and store.write_errors == 0
