@@ -1092,3 +1092,30 @@ def test_a_second_close_does_not_touch_the_closed_database(state_dir, caplog):
     store.save_nodes([node_row("late")])
     store.close()
     assert caplog.records == [] and store.write_errors == 0
+
+
+def test_the_first_drop_is_logged_even_in_the_first_minute_after_boot(
+    state_dir, monkeypatch, caplog
+):
+    caplog.set_level(logging.ERROR)
+    monkeypatch.setattr(s.time, "monotonic", lambda: 5.0)  # seconds since boot on Linux
+    store = Store(str(state_dir), FOREVER)
+    store._dropped(2, "the write queue is full")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{store.path}: 2 vitals points dropped (2 in all): the write queue is full"
+    ]
+    store.close()
+
+
+def test_close_closes_the_database_even_when_the_last_checkpoint_fails(state_dir):
+    store = Store(str(state_dir), FOREVER)
+    store.start()
+    store.save_nodes([node_row("a")])
+    assert written(store)
+    real = store._conn
+    store._conn = CommitFails(real, "PRAGMA wal_checkpoint")
+    store.close()  # a disk failing at the very end does not make close() raise
+    assert store._conn.failed and store._closed
+    with pytest.raises(sqlite3.ProgrammingError):  # closed: the file is left to the next start
+        real.execute("SELECT 1")
+    assert db_rows(state_dir, "SELECT node_id FROM nodes") == [("a",)]

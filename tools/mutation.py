@@ -14,8 +14,8 @@ in-process calls, so those tests could neither be selected nor kill anything.
 The score is killed / (mutants - equivalent). Equivalent mutants (a change that no test
 can observe, because the program behaves the same) are listed and explained in
 docs/testing.md, section "Mutation testing": every backquoted ``rpicluster.…__mutmut_N``
-name there is read as equivalent. Timeouts count as killed (the mutant hung a test that
-the original passes); "no tests" and "survived" count as not killed.
+name there is read as equivalent. Timeouts and segfaults count as killed (the mutant hung
+or crashed a test that the original passes); "no tests" and "survived" count as not killed.
 
 Usage: python tools/mutation.py [--jobs N] [--again [--only TEXT ...] | --report] [MODULE ...]
 (default: all modules)
@@ -129,7 +129,9 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "queries": ("rpicluster/master/queries.py", CONNECTION_TESTS),
 }
 
-KILLED = ("killed", "timeout", "caught by type check")
+# "segfault": the mutant crashed the test process (e.g. a connection closed under a thread
+# still using it), which fails the run as surely as a failed assertion.
+KILLED = ("killed", "timeout", "caught by type check", "segfault")
 MUTANT_NAME = re.compile(r"`(rpicluster\.[\w.]+__mutmut_\d+)`")
 RESULT_LINE = re.compile(r"^\s+(\S+__mutmut_\d+): (.+)$")
 
