@@ -190,6 +190,7 @@ def test_wrong_secret(master, good, caplog):
     with pytest.raises(p.ProtocolError) as info:
         p.client_handshake(sock, "not-the-secret-at-all", kind="slave", node_id="bad", role="b")
     assert info.value.code == p.E_AUTH_FAILED
+    assert info.value.message == "hello mac does not match: wrong cluster secret"
     sock.close()
     line = logged_once(caplog, "auth_failed")
     assert "wrong cluster secret" in line and "node_id=bad" in line

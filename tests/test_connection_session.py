@@ -5,6 +5,7 @@ vitals and action errors, and a suspect node's heartbeat makes it alive again.""
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import threading
@@ -369,10 +370,12 @@ def test_a_peer_is_dropped_only_past_the_write_buffer_limit(master_factory):
     }
 
 
-def test_a_reply_ready_after_the_peer_was_refused_is_not_sent(
-    master_factory, cluster_secret, monkeypatch
+@pytest.mark.parametrize("ending", ["refused", "goodbye"])
+def test_a_reply_ready_after_the_connection_ended_is_not_sent(
+    master_factory, cluster_secret, monkeypatch, ending
 ):
-    """The error is the last frame of a refused connection: a history read that comes back
+    """Nothing follows the end of a connection, whether the master refused the peer (its
+    error is the last frame) or the peer said goodbye: a history read that comes back
     from the store's thread afterwards (the peer not reading, its connection still
     draining) is dropped."""
     from rpicluster.master import queries
@@ -398,14 +401,32 @@ def test_a_reply_ready_after_the_peer_was_refused_is_not_sent(
     conn._history_done = done
     client.sendall(p.make(p.QUERY, id=sent + 1, what="history", node_id="n1"))
     assert reading.wait(10), "the history read never started"
-    client.sendall(p.encode({"type": "no-such-type"}))
-    wait_for(lambda: conn.closed, what="the master to refuse the peer")
+    if ending == "refused":
+        client.sendall(p.encode({"type": "no-such-type"}))
+        wait_for(lambda: counters(master)["bad_messages_total"] == 1, what="the peer refused")
+    else:
+        client.sendall(p.make(p.GOODBYE, reason="done"))
+        wait_for(lambda: conn.said_goodbye, what="the goodbye read")
     release.set()
     assert answered.wait(10), "the history read never came back"
 
-    *replies, last = read_to_the_end(client)
+    frames = read_to_the_end(client)
 
-    assert [reply["id"] for reply in replies] == list(range(1, sent + 1))
-    assert last["type"] == p.ERROR and last["code"] == p.E_UNKNOWN_TYPE
+    if ending == "refused":
+        *frames, last = frames
+        assert last["type"] == p.ERROR and last["code"] == p.E_UNKNOWN_TYPE
+    assert [reply["id"] for reply in frames] == list(range(1, sent + 1))
     client.close()
     slave.close()
+
+
+def test_a_clients_goodbye_ends_its_connection_quietly(master_factory, cluster_secret, caplog):
+    """A client has no session to mark as heard: its goodbye just ends the connection."""
+    master = master_factory(cluster=QUIET)
+    sock = join(master, cluster_secret, node_id="cli", role="status", kind=p.KIND_CLIENT)
+    sock.sendall(p.make(p.GOODBYE, reason="done"))
+    assert read_to_the_end(sock) == []
+    wait_for(lambda: not master.connections, what="the connection gone")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert counters(master)["connections_open"] == 0
+    sock.close()

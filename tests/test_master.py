@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import socket
 import time
 
@@ -174,18 +175,48 @@ def test_silent_slave_turns_suspect_then_dead_and_is_disconnected(master_factory
     talker.close()
 
 
-def test_newest_connection_for_a_role_wins(master, cluster_secret):
+def test_newest_connection_for_a_role_wins(master, cluster_secret, caplog):
+    caplog.set_level(logging.INFO, logger="rpicluster.master")
+    oldest, _ = connect(master, cluster_secret)
     older, _ = connect(master, cluster_secret)
+    assert p.recv_message(oldest)["code"] == p.E_REPLACED
     newer, _ = connect(master, cluster_secret)
     error = p.recv_message(older)
-    assert error["type"] == p.ERROR and error["code"] == p.E_REPLACED
+    assert error == {
+        "type": p.ERROR,
+        "code": p.E_REPLACED,
+        "message": "a newer connection for node node-1 role basic took over",
+    }
     assert is_closed(older)
     p.send_frame(newer, p.make(p.HEARTBEAT, seq=1, sent_at=0))
     assert p.recv_message(newer)["type"] == p.HEARTBEAT_ACK
     assert node_state(master, "node-1")["state"] == "alive"
-    assert master.cluster_state()["master"]["counters"]["replaced_total"] == 1
-    older.close()
-    newer.close()
+    assert master.cluster_state()["master"]["counters"]["replaced_total"] == 2
+    assert [r.getMessage() for r in caplog.records if "replaces" in r.getMessage()] == [
+        f"node node-1 role basic: newer connection from 127.0.0.1:{sock.getsockname()[1]}"
+        " replaces the older one"
+        for sock in (older, newer)
+    ]
+    for sock in (oldest, older, newer):
+        sock.close()
+
+
+def test_the_welcome_tells_the_master_without_its_counters(master, cluster_secret):
+    """The welcome's master object is the short one (docs/protocol.md 8.3): who the master
+    is and the cluster's timings, not the counters and node counts of a cluster reply."""
+    sock, welcome = connect(master, cluster_secret)
+    assert set(welcome["master"]) == {
+        "hostname",
+        "version",
+        "protocol",
+        "started_at",
+        "heartbeat_interval",
+        "suspect_after",
+        "dead_after",
+        "max_frame_size",
+    }
+    assert welcome["master"]["dead_after"] == master.config.cluster.dead_after
+    sock.close()
 
 
 def test_stop_says_goodbye_and_restart_keeps_the_fleet(master_factory, cluster_secret):

@@ -295,6 +295,47 @@ def test_a_taken_port_stops_the_start_clearly_and_releases_the_rest(make_config,
     assert not master._thread.is_alive()  # the event loop's thread has ended
 
 
+def test_an_empty_bind_address_listens_on_every_address(make_config, tmp_path, monkeypatch):
+    """``socket_bind_ip =`` (allowed with [tls]) means all addresses; bound here to
+    127.0.0.1 instead, so that the test opens nothing beyond loopback."""
+    import dataclasses
+
+    from rpicluster.master import Master
+
+    asked = []
+    listen = Master._listen
+
+    def on_loopback(host, port):
+        asked.append(host)
+        return listen("127.0.0.1", port)
+
+    monkeypatch.setattr(Master, "_listen", staticmethod(on_loopback))
+    config = make_config(cluster=QUIET, master={"socket_port": 0, "state_dir": str(tmp_path)})
+    config = dataclasses.replace(
+        config, master=dataclasses.replace(config.master, socket_bind_ip="")
+    )
+    master = Master(config)
+    master.start()
+    try:
+        assert asked == ["0.0.0.0"]
+    finally:
+        master.stop()
+
+
+def test_started_at_is_the_wall_time_of_the_start_to_the_millisecond(make_config, tmp_path):
+    from rpicluster.master import Master
+
+    config = make_config(cluster=QUIET, master={"socket_port": 0, "state_dir": str(tmp_path)})
+    master = Master(config)
+    master.registry.wall = lambda: 1_800_000_000.123456
+    master.start()
+    try:
+        started_at = master.cluster_state()["master"]["started_at"]
+    finally:
+        master.stop()
+    assert started_at == 1_800_000_000.123 and isinstance(started_at, float)
+
+
 def test_a_failure_after_listening_stops_the_start_instead_of_hanging_it(
     make_config, tmp_path, monkeypatch
 ):

@@ -253,9 +253,9 @@ def test_event_loop_errors_log_twenty_per_window_then_a_count(master_factory, ca
     limiter = master.log_loop
     limiter.start = clock.now
 
-    def report(n: int) -> None:
+    def report(n: int) -> None:  # through the handler the master gave its loop
         for i in range(n):
-            master._loop_exception(loop, {"message": f"boom {i}"})
+            loop.call_exception_handler({"message": f"boom {i}"})
 
     report(25)
     assert len(messages(caplog, "boom")) == 20
