@@ -192,10 +192,13 @@ def test_newest_connection_for_a_role_wins(master, cluster_secret, caplog):
     assert p.recv_message(newer)["type"] == p.HEARTBEAT_ACK
     assert node_state(master, "node-1")["state"] == "alive"
     assert master.cluster_state()["master"]["counters"]["replaced_total"] == 2
-    assert [r.getMessage() for r in caplog.records if "replaces" in r.getMessage()] == [
-        f"node node-1 role basic: newer connection from 127.0.0.1:{sock.getsockname()[1]}"
-        " replaces the older one"
-        for sock in (older, newer)
+    assert [r.getMessage() for r in caplog.records if "node-1 role basic" in r.getMessage()] == [
+        f"node node-1 role basic joined from 127.0.0.1:{oldest.getsockname()[1]}",
+        *(
+            f"node node-1 role basic: newer connection from 127.0.0.1:{sock.getsockname()[1]}"
+            " replaces the older one"
+            for sock in (older, newer)
+        ),
     ]
     for sock in (oldest, older, newer):
         sock.close()
