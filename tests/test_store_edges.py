@@ -650,7 +650,7 @@ class FailingTransactions:
         self.calls: list[bool] = []
 
     def __call__(self, batch: Batch, prune: bool) -> None:
-        self.calls.append(prune)
+        self.calls.append(bool(prune))  # what the writer means, whatever false value it passes
         if len(self.calls) <= self.failures:
             raise sqlite3.OperationalError(self.message)
         self.real(batch, prune)
@@ -827,7 +827,7 @@ class CommitFails:
         self.failed = False
 
     def execute(self, sql: str, *args: Any) -> Any:
-        if not self.failed and sql.startswith(self.on):
+        if not self.failed and sql.upper().startswith(self.on.upper()):  # SQL ignores case
             self.failed = True
             if self.on == "COMMIT":
                 self.conn.execute("ROLLBACK")  # as SQLite does on a failed commit
@@ -835,7 +835,7 @@ class CommitFails:
         return self.conn.execute(sql, *args)
 
     def executemany(self, sql: str, rows: Any) -> Any:
-        if not self.failed and sql.startswith(self.on):
+        if not self.failed and sql.upper().startswith(self.on.upper()):
             self.failed = True
             raise sqlite3.OperationalError("disk I/O error")
         return self.conn.executemany(sql, rows)
@@ -1119,3 +1119,46 @@ def test_close_closes_the_database_even_when_the_last_checkpoint_fails(state_dir
     with pytest.raises(sqlite3.ProgrammingError):  # closed: the file is left to the next start
         real.execute("SELECT 1")
     assert db_rows(state_dir, "SELECT node_id FROM nodes") == [("a",)]
+
+
+def test_a_new_write_failure_is_logged_at_once_and_a_different_one_again(
+    state_dir, monkeypatch, caplog
+):
+    caplog.set_level(logging.ERROR)
+    store = Store(str(state_dir), FOREVER)
+    failing = FailingTransactions(store, failures=3)
+    monkeypatch.setattr(store, "_transaction", failing)
+    batch = Batch()
+    batch.nodes["a"] = node_row("a")
+
+    def logged() -> list[str]:
+        return [r.getMessage().rsplit(": ", 1)[1] for r in caplog.records]
+
+    assert store._save(batch) is False
+    assert logged() == ["disk I/O error"]  # the first failure, not only a repeated one
+    failing.message = "database or disk is full"
+    assert store._save(batch) is False
+    assert store._save(batch) is False
+    assert logged() == ["disk I/O error", "database or disk is full"]
+    store.close()
+
+
+def test_the_final_write_makes_no_try_that_would_start_at_its_deadline(state_dir, monkeypatch):
+    """Tries that take 0.375 s each: the fifth would start exactly 3 s after the first."""
+    clock = [0.0]
+    monkeypatch.setattr(s.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(s.time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+    store = Store(str(state_dir), FOREVER)
+    failing = FailingTransactions(store, failures=100)
+
+    def slow(batch: Batch, prune: bool) -> None:
+        clock[0] += 0.375
+        failing(batch, prune)
+
+    monkeypatch.setattr(store, "_transaction", slow)
+    batch = Batch()
+    batch.nodes["a"] = node_row("a")
+    assert store._save(batch, final=True) is False
+    assert len(failing.calls) == 4 and clock[0] == 2.2  # the next would begin at 3.0
+    monkeypatch.undo()
+    store.close()
