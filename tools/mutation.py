@@ -298,6 +298,28 @@ def not_killed_yet(module: str) -> list[str]:
     return sorted(name for name, status in statuses(module).items() if status not in KILLED)
 
 
+def isolated(command: list[str]) -> list[str]:
+    """``command`` in a PID namespace of its own, when this process may make one.
+
+    mutmut never cancels a mutant's timeout: when it expires it sends SIGXCPU to
+    that PID whether the mutant has ended or not (mutmut/workers/timeout.py). With
+    Linux's default pid_max of 32768 a busy machine reuses PIDs within minutes, so
+    the signal can land on another program (a Molecule run's ansible-playbook died
+    of it, 2026-11-29) or on a later mutant's tests, which would then count as
+    killed. In a namespace of its own mutmut's PIDs are its own, and reaching a
+    reused one takes 32768 processes of its own first.
+    """
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None or not sys.platform.startswith("linux"):
+        return command
+    # `sh -c '...; exit'` keeps sh as the namespace's PID 1 (it reaps what mutmut
+    # orphans; as PID 1 mutmut itself would ignore SIGINT and SIGTERM).
+    return [
+        unshare, "--pid", "--fork", "--kill-child", "--mount-proc",
+        "sh", "-c", '"$@"; exit $?', "mutmut-run", *command,
+    ]  # fmt: skip
+
+
 def statuses(module: str) -> dict[str, str]:
     """Every mutant of the module's last run and its status (``mutmut results``)."""
     results = subprocess.run(
@@ -338,7 +360,7 @@ def run_module(
             # without a result: those of the functions that changed (and any never tested).
             print(f"== {module}: changed since the last run: its changed functions", flush=True)
             first = subprocess.run(
-                [str(mutmut), "run", "--max-children", str(jobs)],
+                isolated([str(mutmut), "run", "--max-children", str(jobs)]),
                 cwd=work,
                 env=env,
                 capture_output=True,
@@ -362,7 +384,7 @@ def run_module(
     if again and not names:
         return Score(module, statuses(module), equivalent)
     run = subprocess.run(
-        [str(mutmut), "run", "--max-children", str(jobs), *names],
+        isolated([str(mutmut), "run", "--max-children", str(jobs), *names]),
         cwd=work,
         env=env,
         capture_output=True,
