@@ -1162,3 +1162,38 @@ def test_the_final_write_makes_no_try_that_would_start_at_its_deadline(state_dir
     assert len(failing.calls) == 4 and clock[0] == 2.2  # the next would begin at 3.0
     monkeypatch.undo()
     store.close()
+
+
+class RowsRefused:
+    """The writer's connection, refusing every node row with a very long error text."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql.upper().startswith("INSERT OR REPLACE INTO NODES"):
+            raise ValueError("v" * 300)
+        return self.conn.execute(sql, *args)
+
+    def executemany(self, sql: str, rows: Any) -> Any:
+        if sql.upper().startswith("INSERT OR REPLACE INTO NODES"):
+            raise ValueError("v" * 300)
+        return self.conn.executemany(sql, rows)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def test_a_refused_row_s_error_is_logged_to_120_characters(state_dir, caplog):
+    caplog.set_level(logging.WARNING)
+    store = Store(str(state_dir), FOREVER)
+    store._conn = RowsRefused(store._conn)
+    batch = Batch()
+    batch.nodes["a"] = node_row("a")
+    assert store._save(batch) is True  # the batch is saved, its one row refused
+    assert store.rejected_total == 1
+    assert rows_logged(caplog) == [
+        f"{store.path}: 0 rows repaired (invalid UTF-8 replaced), 1 refused"
+        f" (first: ValueError: {'v' * 120})"
+    ]
+    store.close()
