@@ -6,6 +6,7 @@ and a node known from before TLS is bound to the first certificate that speaks a
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import socket
@@ -21,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from rpicluster import protocol as p
 from rpicluster import tls as tlsmod
 from tests.conftest import TEST_SECRET
-from tests.helpers import wait_for
+from tests.helpers import on_loop, wait_for
 from tests.tlscerts import CA, tls_section
 
 QUIET = {"heartbeat_interval": 1, "suspect_after": 30, "dead_after": 60}
@@ -325,4 +326,57 @@ def test_a_frame_in_the_same_read_as_the_end_of_the_tls_handshake_is_not_lost(
         "code": p.E_BAD_MESSAGE,
         "message": "expected a hello message first, got 'ping'",
     }
+    sock.close()
+
+
+def test_the_masters_tls_flights_restart_the_peers_turn_and_its_bytes_do_not(
+    master_factory, make_config, pki, tmp_path
+):
+    """admission.py judges a pending peer by how long the master has waited on it: each
+    TLS flight the master answers starts the peer's turn again (and the longest turn so
+    far is kept); bytes of the peer after the handshake, a hello trickling in, do not."""
+    master = tls_master(master_factory, make_config, pki, tmp_path / "m")
+    now = [100.0]
+    on_loop(master, lambda: setattr(master.admission, "clock", lambda: now[0]))
+
+    def turns() -> list:
+        return on_loop(master, lambda: [turn[:2] for turn in master.admission.turns.values()])
+
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = tlsmod.client_context(pki["pi-a"]).wrap_bio(
+        incoming, outgoing, server_hostname="127.0.0.1"
+    )
+    sock = socket.create_connection(("127.0.0.1", master.port), timeout=10)
+    wait_for(turns, what="the connection admitted")
+    assert turns() == [(100.0, 0.0)]
+
+    now[0] = 101.0
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    sock.sendall(outgoing.read())  # the ClientHello: the master answers with its flight
+    while True:
+        incoming.write(sock.recv(65536))
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            continue
+    assert turns() == [(101.0, 1.0)]
+
+    now[0] = 103.0
+    sock.sendall(outgoing.read())  # the client's Finished: the master then challenges
+    plain = b""
+    while len(plain) < 4 or len(plain) < 4 + p.HEADER.unpack(plain[:4])[0]:
+        incoming.write(sock.recv(65536))
+        with contextlib.suppress(ssl.SSLWantReadError):
+            plain += tls.read(65536)
+    assert p.decode_body(plain[4:])["type"] == p.CHALLENGE
+    assert turns() == [(103.0, 2.0)]
+
+    now[0] = 110.0
+    (conn,) = on_loop(master, lambda: list(master.admission.turns))
+    tls.write(p.encode({"type": "hello"})[:6])  # the start of a hello, and no more yet
+    sock.sendall(outgoing.read())
+    wait_for(lambda: on_loop(master, lambda: conn.decoder.pending), what="the bytes read")
+    assert turns() == [(103.0, 2.0)]
     sock.close()
