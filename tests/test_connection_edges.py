@@ -135,11 +135,12 @@ def test_a_connection_evicted_before_it_is_set_up_is_never_counted(master):
         conn.evict()
         transport = FakeTransport()
         conn.connection_made(transport)
+        closed_at_once = conn.closed  # nothing may be written before connection_lost
         conn.connection_lost(None)
-        return transport
+        return transport, closed_at_once
 
-    transport = on_loop(master, evict_then_set_up)
-    assert transport.aborted and conn.closed
+    transport, closed_at_once = on_loop(master, evict_then_set_up)
+    assert transport.aborted and closed_at_once is True and conn.closed
     after = counters(master)
     assert after["connections_open"] == before["connections_open"]
     assert after["connections_total"] == before["connections_total"]
@@ -574,6 +575,25 @@ def test_a_connection_from_an_unknown_peer_keeps_its_placeholder(master):
     on_loop(master, lambda: (master.admission.admit(conn, ""), conn.connection_made(transport)))
     assert (conn.address, conn.peer) == ("", "?")
     on_loop(master, lambda: conn.connection_lost(None))
+
+
+def test_a_socket_without_tcp_options_is_served_all_the_same(master):
+    """TCP_NODELAY is a speed-up: a socket that refuses it (not TCP) is served anyway."""
+    conn = Connection(master, "10.5.5.5", "10.5.5.5:1")
+    refusing, other_end = socket.socketpair()  # AF_UNIX: no TCP_NODELAY
+
+    class UnixTransport(RecordingTransport):
+        def get_extra_info(self, name, default=None):
+            return refusing if name == "socket" else default
+
+    transport = UnixTransport(None)
+    try:
+        on_loop(master, lambda: (master.admission.admit(conn, ""), conn.connection_made(transport)))
+        assert p.decode_body(transport.written[4:])["type"] == p.CHALLENGE
+        on_loop(master, lambda: conn.connection_lost(None))
+    finally:
+        refusing.close()
+        other_end.close()
 
 
 def test_replies_are_not_delayed_by_nagle(master, cluster_secret):

@@ -140,6 +140,7 @@ def test_goodbyes_and_closes_without_goodbye_are_counted_each(master_factory, cl
         ),
         what="two goodbyes and three closes counted",
     )
+    assert counters(master)["connections_total"] == 5 and counters(master)["connections_open"] == 0
     assert sorted((n["node_id"], n["state"]) for n in master.cluster_state()["nodes"]) == [
         ("a", "left"),
         ("b", "left"),
