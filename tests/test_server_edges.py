@@ -803,3 +803,20 @@ def test_a_clean_stop_saves_every_last_seen_time(master_factory, cluster_secret)
     with sqlite3.connect(state_dir / "rpicluster.db") as db:
         assert db.execute("SELECT last_seen FROM nodes").fetchall() == [(expected,)]
     sock.close()
+
+
+def test_the_webhook_is_built_with_every_alerts_setting(make_config, tmp_path):
+    """URL, format and timeout of ``[alerts]`` reach the sender (how each behaves is
+    tests/test_alerts_webhook.py's); built with the master, sending once it starts."""
+    from rpicluster.master import Master
+
+    config = make_config(
+        master={"socket_bind_ip": "127.0.0.1", "state_dir": str(tmp_path)},
+        alerts={
+            "webhook_url": "http://127.0.0.1:9/hook",
+            "webhook_format": "text",
+            "webhook_timeout": 1.5,
+        },
+    )
+    webhook = Master(config).webhook
+    assert (webhook.url, webhook.fmt, webhook.timeout) == ("http://127.0.0.1:9/hook", "text", 1.5)
