@@ -126,7 +126,7 @@ class FakeTransport(asyncio.Transport):
         return default
 
 
-def test_a_connection_evicted_before_it_is_set_up_is_never_counted(master):
+def test_a_connection_evicted_before_it_is_set_up_is_never_counted(master, caplog):
     conn = Connection(master, "10.1.1.1", "10.1.1.1:5")
     before = counters(master)
 
@@ -147,6 +147,11 @@ def test_a_connection_evicted_before_it_is_set_up_is_never_counted(master):
     assert after["connections_evicted_total"] == before["connections_evicted_total"] + 1
     assert conn not in master.connections
     assert master.admission.open == 0 and master.admission.pending == 0
+    # Evicted by admit() itself (the table full although no room was made): it says so.
+    assert lines(caplog, "evicted") == [
+        "peer 10.1.1.1:5 evicted: unauthenticated table full,"
+        " oldest of the address holding the most"
+    ]
 
 
 # ------------------------------------------------------ refusals and strikes
