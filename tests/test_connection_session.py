@@ -359,7 +359,7 @@ def test_a_peer_is_dropped_only_past_the_write_buffer_limit(master_factory):
         conn.transport = transport = Transport(waiting)
         conn.write = transport.write
         conn.send(b"reply")
-        return conn.closed and transport.closed, transport.written
+        return bool(conn.closed and transport.closed), transport.written
 
     assert on_loop(master, lambda: send_with(MAX_WRITE_BUFFER)) == (False, [b"reply"])
     dropped, written = on_loop(master, lambda: send_with(MAX_WRITE_BUFFER + 1))
