@@ -140,6 +140,50 @@ def test_strangers_turns_never_raise_stale_after():
     assert admission.pending == admission.open == 0
 
 
+def test_a_new_table_assumes_quick_peers_and_caps_at_half_the_default_handshake_timeout():
+    clock = Clock()
+    clock.now = 0.0  # a clock that starts at zero (monotonic() may, in a container)
+    admission = Admission(100, 3, 64, clock=clock)
+    assert admission.stale_after(clock.now) == STALE_MIN  # nobody joined yet
+    conn = fill(admission, 1)[0]
+    clock.now = 30.0
+    admission.authenticated(conn)  # a very slow joiner
+    assert admission.stale_after(clock.now) == 2.5  # the default handshake_timeout 5 s / 2
+
+
+def test_a_pending_connection_is_stale_only_past_stale_after():
+    clock = Clock()
+    clock.now = 0.0
+    admission = Admission(100, 1, 64, 5.0, clock)
+    conn = fill(admission, 1)[0]
+    clock.now = STALE_MIN  # waited exactly stale_after: not yet stale
+    assert admission.make_room().victim is None
+    clock.now = 0.25
+    assert admission.make_room().victim is conn
+
+
+def test_a_quick_joiner_does_not_erase_a_slow_ones_recent_turn():
+    admission, clock = table()
+    slow = fill(admission, 1)[0]
+    clock.now += 0.5
+    admission.authenticated(slow)  # stale after 4 x 0.5 s
+    quick = fill(admission, 1)[0]
+    clock.now += 0.01
+    admission.authenticated(quick)  # a 0.01 s turn, right after
+    assert admission.stale_after(clock.now) == pytest.approx(2.0, rel=0.01)
+
+
+def test_an_answer_to_a_connection_no_longer_pending_changes_nothing():
+    admission, clock = table()
+    conn = fill(admission, 1)[0]
+    admission.authenticated(conn)
+    admission.progressed(conn)  # a TLS record the master sends after the hello
+    assert admission.turns == {} and admission.pending == 0
+    admission.release(conn)
+    admission.progressed(conn)
+    assert (admission.open, admission.pending, admission.by_address) == (0, 0, {})
+
+
 def test_caps_still_refuse_and_admit_still_bounds_the_table():
     admission, _ = table(pending=2, per_address=2)
     first, second = fill(admission, 2)

@@ -121,8 +121,18 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "saving": ("rpicluster/master/saving.py", STORE_TESTS),
     "database": ("rpicluster/master/database.py", STORE_TESTS),
     "server": ("rpicluster/master/server.py", SERVER_TESTS),
-    "listening": ("rpicluster/master/listening.py", SERVER_TESTS),
+    # The accept loop pauses and makes room by the admission policy: the join storm's tests.
+    "listening": ("rpicluster/master/listening.py", [*SERVER_TESTS, "tests/test_join_storm.py"]),
     "views": ("rpicluster/master/views.py", SERVER_TESTS),
+    "admission": (
+        "rpicluster/master/admission.py",
+        [
+            "tests/test_join_storm.py",
+            "tests/test_member_limits.py",
+            "tests/test_connection_edges.py",
+            "tests/test_master_listening.py",
+        ],
+    ),
     "connection": ("rpicluster/master/connection.py", CONNECTION_TESTS),
     "handshake": ("rpicluster/master/handshake.py", CONNECTION_TESTS),
     "peertls": ("rpicluster/master/peertls.py", CONNECTION_TESTS),

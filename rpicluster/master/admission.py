@@ -178,15 +178,14 @@ class Admission:
         self._remove(conn)
         self.open -= 1
 
-    def _remove(self, conn: Any) -> bool:
+    def _remove(self, conn: Any) -> None:
         """Take ``conn`` out of the table (it authenticated, was evicted or closed)."""
         turn = self.turns.pop(conn, None)
         if turn is None:
-            return False
+            return  # not pending: authenticated or removed already
         address = turn[2]
         held = self.by_address[address]
         del held[conn]
         self.pending -= 1
         if not held:
             del self.by_address[address]
-        return True
