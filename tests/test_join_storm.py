@@ -10,6 +10,7 @@ out) stays in tests/test_adversarial_master.py.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from typing import Any, Callable, Optional
@@ -19,6 +20,7 @@ import pytest
 from rpicluster import protocol as p
 from rpicluster import tls as tlsmod
 from rpicluster.master import admission as adm
+from rpicluster.master import listening
 from rpicluster.master.admission import STALE_MIN, TURN_HALF_LIFE, Admission
 from tests.helpers import on_loop, wait_for
 from tests.tlscerts import CA, tls_section
@@ -367,4 +369,45 @@ def test_room_is_made_only_for_connections_that_wait(master_factory):
     assert master.counters.accept_paused_total == 0
     on_loop(master, master._resume_accept)
     for sock in [first, second, newcomer, *waiting]:
+        sock.close()
+
+
+def test_a_full_table_of_fresh_connections_pauses_accepting_says_so_and_resumes(
+    master_factory, caplog
+):
+    """No stale stranger to evict: accepting stops for ACCEPT_PAUSE, logged, then resumes."""
+    master = master_factory(
+        cluster={"heartbeat_interval": 1, "suspect_after": 30, "dead_after": 60},
+        master={"max_unauthenticated": 2, "max_unauthenticated_per_address": 64},
+    )
+
+    def dial() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", master.port), timeout=10)
+
+    first, second = dial(), dial()
+    for sock in (first, second):
+        assert p.recv_message(sock)["type"] == p.CHALLENGE
+    fd = master._listener.fileno()
+    real = master.admission.clock
+    frozen = {"at": real()}
+
+    def freeze() -> None:  # neither stranger gets stale while the clock stands still
+        master.loop.remove_reader(fd)
+        master.admission.clock = lambda: frozen["at"]
+
+    on_loop(master, freeze)
+    caplog.set_level(logging.INFO, logger="rpicluster.master")
+    newcomer = dial()
+    on_loop(master, master._accept)
+    assert master.counters.accept_paused_total == 1
+    line = (
+        f"unauthenticated table full (2 pending, none stale (after {STALE_MIN:.2f} s)):"
+        f" not accepting for {listening.ACCEPT_PAUSE:g} s"
+    )
+    assert line in [record.getMessage() for record in caplog.records]
+    # The pause ends by itself, finds the table still full of fresh strangers, pauses again.
+    wait_for(lambda: master.counters.accept_paused_total >= 2, what="accepting resumed")
+    frozen["at"] += 1.0  # now both strangers are stale: the next resume lets the newcomer in
+    assert p.recv_message(newcomer)["type"] == p.CHALLENGE
+    for sock in (first, second, newcomer):
         sock.close()
