@@ -87,3 +87,13 @@ def read_to_the_end(sock: Any) -> list[dict[str, Any]]:
             frames.append(p.recv_message(sock))
         except p.DisconnectionError:
             return frames
+
+
+class Clock:
+    """A clock a test sets by hand (``clock.now += 1``), for code that takes one."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

@@ -13,14 +13,7 @@ import pytest
 
 from rpicluster.config import AlertSettings, ConfigError, parse_config
 from rpicluster.master import alerts as a
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import Clock
 
 
 def engine(**over: Any) -> tuple[a.AlertEngine, Clock]:

@@ -22,16 +22,8 @@ from rpicluster import tls as tlsmod
 from rpicluster.master import admission as adm
 from rpicluster.master import listening
 from rpicluster.master.admission import STALE_MIN, TURN_HALF_LIFE, Admission
-from tests.helpers import on_loop, wait_for
+from tests.helpers import Clock, on_loop, wait_for
 from tests.tlscerts import CA, tls_section
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Conn:

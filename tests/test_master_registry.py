@@ -5,14 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rpicluster.master.registry import ALIVE, DEAD, LEFT, SUSPECT, Registry
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import Clock
 
 
 class Conn:

@@ -9,16 +9,9 @@ import logging
 import pytest
 
 from rpicluster.master.registry import ALIVE, DEAD, LEFT, SUSPECT, Registry, node_label
+from tests.helpers import Clock
 
 WALL = 1_700_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Conn:
