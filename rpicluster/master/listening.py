@@ -196,8 +196,7 @@ class Listening:
             exc,
             delay,
         )
-        self.loop.remove_reader(listener.fileno())
-        self.loop.call_later(delay, self._resume_accept)
+        self._stop_accepting(listener, delay)
 
     def _pause_accept(self, why: str) -> None:
         """Stop accepting for ACCEPT_PAUSE: evicting a progressing handshake wastes it."""
@@ -212,8 +211,12 @@ class Listening:
             why,
             ACCEPT_PAUSE,
         )
+        self._stop_accepting(listener, ACCEPT_PAUSE)
+
+    def _stop_accepting(self, listener: socket.socket, delay: float) -> None:
+        """Leave connects in the kernel's backlog for ``delay`` seconds, then accept again."""
         self.loop.remove_reader(listener.fileno())
-        self.loop.call_later(ACCEPT_PAUSE, self._resume_accept)
+        self.loop.call_later(delay, self._resume_accept)
 
     def _resume_accept(self) -> None:
         if self._listener is not None and not self.stopping:
